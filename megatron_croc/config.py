@@ -1,0 +1,383 @@
+"""Typed, keyword-only configuration of the Croc model and its parallel layout, with presets.
+
+Everything that decides the model's shape or behaviour lives here as data; megatron-core's
+``TransformerConfig`` objects are derived from it in one place
+(:func:`language_transformer_config`, :func:`vision_transformer_config`), never assembled by
+hand elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Stage = Literal["align", "croc", "instruct"]
+AttentionVariant = Literal["causal", "visual", "prefix"]
+Matcher = Literal["hungarian", "nearest"]
+
+# CLIP's pixel statistics (OpenAI CLIP preprocessing); images arrive as uint8 RGB.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work, with what to do about it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionConfig:
+    """A CLIP ViT. ``num_layers`` is the checkpoint's depth; features are taken from the
+    penultimate layer (LLaVA's ``select_layer=-2``), so only ``num_layers - 1`` are built."""
+
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    layernorm_epsilon: float = 1e-5
+    frozen: bool = True
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image: the patch grid, class token dropped."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_built_layers(self) -> int:
+        return self.num_layers - 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class LanguageModelConfig:
+    """A Llama-architecture decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention,
+    untied input and output embeddings."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    untie_embeddings: bool = True
+
+    @property
+    def kv_channels(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrocConfig:
+    """The cross-modal comprehension method (SPEC §1.2–1.5) and the stage being trained."""
+
+    stage: Stage = "croc"
+    pool_size: int = 2048
+    mask_ratio: float = 0.75
+    matcher: Matcher = "hungarian"
+    # "auto": the batched GPU solver on CUDA, scipy (all samples concurrently) on the CPU.
+    assignment_solver: Literal["auto", "scipy", "gpu"] = "auto"
+    # Only meaningful in the comprehension stage; align/instruct are causal (SPEC §1.5).
+    attention: Literal["visual", "prefix"] = "visual"
+    vtr_weight: float = 10.0
+    vtr_smooth_l1_beta: float = 0.01
+    vtr_loss_positions: Literal["all", "masked"] = "all"
+    # "token_scale": unit-norm rows, the scale of the L2-normalised visual tokens (SPEC §1.2
+    # pitfall); "normal": N(0,1) as in the released code.
+    pool_init: Literal["token_scale", "normal"] = "token_scale"
+    seed: int = 1234
+
+    @property
+    def uses_pool(self) -> bool:
+        return self.stage == "croc"
+
+    @property
+    def attention_variant(self) -> AttentionVariant:
+        return self.attention if self.stage == "croc" else "causal"
+
+    @property
+    def trains_language_model(self) -> bool:
+        return self.stage != "align"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    sequence_parallel: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrecisionConfig:
+    bf16: bool = False
+    fp8_format: Literal["hybrid", "e4m3"] | None = None
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Everything needed to build a CrocModel."""
+
+    vision: VisionConfig
+    language: LanguageModelConfig
+    croc: CrocConfig = field(default_factory=CrocConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    # Kernel options that need TransformerEngine or apex; refused without them.
+    apply_rope_fusion: bool = False
+    gradient_accumulation_fusion: bool = False
+    recompute_granularity: Literal["full", "selective"] | None = None
+    recompute_num_layers: int = 1
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision.bf16 else torch.float32
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary padded so every tensor-parallel shard has the same size (Megatron's rule)."""
+        multiple = self.make_vocab_size_divisible_by * self.parallel.tensor_model_parallel_size
+        return -(-self.language.vocab_size // multiple) * multiple
+
+    def replace(self, **changes: object) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+# ---------------------------------------------------------------------------------------------
+
+VISION_PRESETS: dict[str, VisionConfig] = {
+    "clip-l-336": VisionConfig(
+        image_size=336, patch_size=14, hidden_size=1024, num_layers=24, num_attention_heads=16,
+        ffn_hidden_size=4096,
+    ),
+    # CPU-sized: 32x32 images, 8x8 patches -> 16 visual tokens per image.
+    "tiny": VisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_layers=3, num_attention_heads=4,
+        ffn_hidden_size=64,
+    ),
+}
+
+LANGUAGE_PRESETS: dict[str, LanguageModelConfig] = {
+    "tiny": LanguageModelConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=128, vocab_size=512, max_position_embeddings=1024,
+    ),
+    "vicuna-7b": LanguageModelConfig(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=32,
+        ffn_hidden_size=11008, vocab_size=32000, max_position_embeddings=4096,
+    ),
+    "vicuna-13b": LanguageModelConfig(
+        num_layers=40, hidden_size=5120, num_attention_heads=40, num_query_groups=40,
+        ffn_hidden_size=13824, vocab_size=32000, max_position_embeddings=4096,
+    ),
+    "llama3-8b": LanguageModelConfig(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+        ffn_hidden_size=14336, vocab_size=128256, max_position_embeddings=8192,
+        rotary_base=500000.0,
+    ),
+}
+
+# Each LLM preset pairs with a vision preset; the tiny model has a tiny encoder and pool.
+MODEL_PRESETS: dict[str, tuple[str, str]] = {
+    "tiny": ("tiny", "tiny"),
+    "vicuna-7b": ("vicuna-7b", "clip-l-336"),
+    "vicuna-13b": ("vicuna-13b", "clip-l-336"),
+    "llama3-8b": ("llama3-8b", "clip-l-336"),
+}
+
+
+def model_preset(name: str, **overrides: object) -> ModelConfig:
+    """A ModelConfig from a preset name, e.g. ``model_preset("tiny", croc=CrocConfig(...))``."""
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+    language, vision = MODEL_PRESETS[name]
+    croc = CrocConfig(pool_size=64) if name == "tiny" else CrocConfig()
+    kwargs: dict[str, object] = dict(
+        vision=VISION_PRESETS[vision], language=LANGUAGE_PRESETS[language], croc=croc
+    )
+    kwargs.update(overrides)
+    return ModelConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and megatron-core TransformerConfigs
+# ---------------------------------------------------------------------------------------------
+
+
+def validate(config: ModelConfig, *, has_te: bool, has_apex: bool) -> None:
+    """Refuse, at argument time, what cannot work on this machine or with these sizes."""
+    needs_te = {
+        "--sequence-parallel": config.parallel.sequence_parallel,
+        "--fp8-format": config.precision.fp8_format is not None,
+        "--apply-rope-fusion": config.apply_rope_fusion,
+    }
+    for flag, wanted in needs_te.items():
+        if wanted and not has_te:
+            raise ConfigError(
+                f"{flag} needs TransformerEngine on a CUDA GPU, which is not available here. "
+                "Drop the flag, or run inside NVIDIA's PyTorch container (it ships TE)."
+            )
+    if config.gradient_accumulation_fusion and not has_apex and not has_te:
+        raise ConfigError(
+            "--gradient-accumulation-fusion needs apex or TransformerEngine on a CUDA GPU; "
+            "drop the flag on this machine."
+        )
+    lm, tp, pp = config.language, config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size
+    vp = config.parallel.virtual_pipeline_model_parallel_size or 1
+    for what, value in (
+        ("attention heads", lm.num_attention_heads),
+        ("query groups (--num-query-groups)", lm.num_query_groups),
+        ("FFN hidden size", lm.ffn_hidden_size),
+        ("vision attention heads", config.vision.num_attention_heads),
+        ("vision FFN hidden size", config.vision.ffn_hidden_size),
+    ):
+        if value % tp:
+            raise ConfigError(
+                f"--tensor-model-parallel-size {tp} does not divide the {what} ({value}); "
+                "choose a tensor-parallel size that divides it."
+            )
+    if lm.num_layers % (pp * vp):
+        raise ConfigError(
+            f"{lm.num_layers} language-model layers cannot be split evenly over "
+            f"{pp} pipeline stages x {vp} virtual stages; choose sizes that divide it."
+        )
+    if lm.num_attention_heads % lm.num_query_groups:
+        raise ConfigError("the number of attention heads must be a multiple of the query groups")
+    if config.vision.image_size % config.vision.patch_size:
+        raise ConfigError("the vision image size must be a multiple of its patch size")
+    croc = config.croc
+    if croc.uses_pool:
+        n_masked = masked_count(config)
+        if not 0 < n_masked <= croc.pool_size and croc.matcher == "hungarian":
+            raise ConfigError(
+                f"--croc-mask-ratio {croc.mask_ratio} selects {n_masked} of "
+                f"{config.vision.num_image_tokens} visual tokens, but the one-to-one Hungarian "
+                f"matcher needs between 1 and --croc-pool-size ({croc.pool_size}) of them."
+            )
+        if n_masked == 0:
+            raise ConfigError(f"--croc-mask-ratio {croc.mask_ratio} selects no visual token")
+
+
+def masked_count(config: ModelConfig) -> int:
+    """Visual tokens replaced by pool entries per image (432 of 576 at ratio 0.75)."""
+    return int(round(config.croc.mask_ratio * config.vision.num_image_tokens))
+
+
+def _common_transformer_kwargs(config: ModelConfig) -> dict[str, object]:
+    par, prec = config.parallel, config.precision
+    return dict(
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
+        sequence_parallel=par.sequence_parallel,
+        bf16=prec.bf16,
+        params_dtype=config.params_dtype,
+        pipeline_dtype=config.params_dtype,
+        fp8=prec.fp8_format,
+        fp8_recipe=prec.fp8_recipe,
+        # Initialise on the CPU with the full-size master weights, then shard: TP=1 and TP=2
+        # start from the same numbers, which the TP-equivalence tests and users rely on.
+        use_cpu_initialization=True,
+        init_method_std=config.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # The fused kernels below need apex/TE; without them megatron-core would fall back
+        # anyway, we just make it explicit.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=config.apply_rope_fusion,
+        gradient_accumulation_fusion=config.gradient_accumulation_fusion,
+        recompute_granularity=config.recompute_granularity,
+        recompute_method="uniform" if config.recompute_granularity == "full" else None,
+        recompute_num_layers=config.recompute_num_layers if config.recompute_granularity == "full" else None,
+    )
+
+
+def language_transformer_config(config: ModelConfig):
+    """megatron-core TransformerConfig for the Llama-architecture LLM."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    lm = config.language
+    return TransformerConfig(
+        num_layers=lm.num_layers,
+        hidden_size=lm.hidden_size,
+        num_attention_heads=lm.num_attention_heads,
+        num_query_groups=lm.num_query_groups,
+        ffn_hidden_size=lm.ffn_hidden_size,
+        kv_channels=lm.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=lm.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        **_common_transformer_kwargs(config),
+    )
+
+
+def vision_transformer_config(config: ModelConfig):
+    """megatron-core TransformerConfig for CLIP ViT (LayerNorm, quick-GELU, biases).
+
+    Pipeline sizes are 1: the encoder lives whole on the first pipeline stage.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    vis = config.vision
+    kwargs = _common_transformer_kwargs(config)
+    kwargs.update(
+        pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None,
+        recompute_granularity=None,
+        recompute_method=None,
+        recompute_num_layers=None,
+        # The encoder is frozen by default and small next to the LLM: FP8 buys little.
+        fp8=None,
+    )
+    from megatron.core.activations import quick_gelu
+
+    return TransformerConfig(
+        num_layers=vis.num_built_layers,
+        hidden_size=vis.hidden_size,
+        num_attention_heads=vis.num_attention_heads,
+        ffn_hidden_size=vis.ffn_hidden_size,
+        kv_channels=vis.hidden_size // vis.num_attention_heads,
+        normalization="LayerNorm",
+        layernorm_epsilon=vis.layernorm_epsilon,
+        gated_linear_unit=False,
+        activation_func=quick_gelu,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        **kwargs,
+    )
+
+
+def projector_transformer_config(config: ModelConfig):
+    """Config for the mlp2x_gelu projector (Linear(vision->H), GELU, Linear(H->H))."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    lm = config.language
+    kwargs = _common_transformer_kwargs(config)
+    kwargs.update(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+                  recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=lm.hidden_size,
+        num_attention_heads=lm.num_attention_heads,  # unused by the MLP; must divide by TP
+        ffn_hidden_size=lm.hidden_size,
+        gated_linear_unit=False,
+        activation_func=torch.nn.functional.gelu,
+        add_bias_linear=True,
+        **kwargs,
+    )

@@ -1,0 +1,1 @@
+"""The Croc model, built from megatron-core modules."""

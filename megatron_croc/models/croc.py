@@ -1,0 +1,326 @@
+"""CrocModel: vision encoder -> projector -> (prompt pool) -> Llama LLM -> LM loss (+ VTR loss),
+composed from megatron-core modules and aware of its pipeline stage from the start.
+
+Placement (SPEC §2): the vision tower, the pool and the replacement live on the first pipeline
+stage; the VTR head and both losses on the last. Every stage gets the micro-batch's layout
+(tokens, positions, visual mask, loss mask) from the data loader, so each builds its own
+attention layout without communication. The reconstruction targets (the normalised projected
+visual tokens, detached) travel from the first to the last stage *inside* the tensor that
+megatron-core's schedules already send between stages: with pipeline parallelism in the
+comprehension stage that tensor is ``[2S, B, H]`` — the hidden states, then the targets laid
+out at their sequence positions (zeros elsewhere). Intermediate stages pass the second half on
+untouched. This costs one more activation-sized p2p message per stage boundary (negligible next
+to a stage's compute) and needs no extra communication pattern, so it works with 1F1B and
+interleaved schedules alike, and text-only micro-batches cannot hang any stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+
+from megatron_croc.config import (
+    ModelConfig,
+    language_transformer_config,
+    masked_count,
+)
+from megatron_croc.models import specs
+from megatron_croc.models.attention import AttentionLayout
+from megatron_croc.models.prompt_pool import PromptPool, draw_masks
+from megatron_croc.models.vision import VisionTower
+
+
+@dataclass(kw_only=True)
+class CrocOutputs:
+    """What the last pipeline stage returns to the loss function."""
+
+    lm_loss_per_token: torch.Tensor  # [B, S], unmasked; combine with the loss mask
+    vtr_loss: torch.Tensor | None  # scalar mean SmoothL1, None outside the comprehension stage
+
+
+def pipeline_tensor_seq_length(config: ModelConfig, seq_length: int) -> int:
+    """Sequence length of the tensor sent between pipeline stages (see the module doc)."""
+    carries_targets = config.croc.uses_pool and config.parallel.pipeline_model_parallel_size > 1
+    return 2 * seq_length if carries_targets else seq_length
+
+
+class VTRHead(MegatronModule):
+    """Visual token reconstruction: learned position embedding over an image's T positions,
+    one bidirectional transformer layer, Linear H->H (SPEC §1.4)."""
+
+    def __init__(self, lm_config, *, num_tokens: int, use_te: bool):
+        super().__init__(config=lm_config)
+        hidden = lm_config.hidden_size
+        self.position_embedding = torch.nn.Parameter(
+            torch.randn(num_tokens, 1, hidden, dtype=lm_config.params_dtype) * lm_config.init_method_std
+        )
+        self.layer = build_module(specs.bidirectional_layer_spec(use_te=use_te), config=lm_config, layer_number=1)
+        self.output = tensor_parallel.ColumnParallelLinear(
+            hidden, hidden, config=lm_config, init_method=lm_config.init_method, bias=True,
+            gather_output=True,
+        )
+
+    def forward(self, visual_hidden: torch.Tensor) -> torch.Tensor:
+        """[T, N, H] final hidden states at one image's visual positions -> [T, N, H]."""
+        x = visual_hidden + self.position_embedding
+        x, _ = self.layer(x, attention_mask=None)
+        out, bias = self.output(x)
+        return out if bias is None else out + bias
+
+
+class CrocModel(MegatronModule):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        pre_process: bool = True,
+        post_process: bool = True,
+        use_te: bool = False,
+        vp_stage: int | None = None,
+    ):
+        lm_config = language_transformer_config(config)
+        super().__init__(config=lm_config)
+        self.model_config = config
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's schedules
+        self.croc = config.croc
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.num_image_tokens = config.vision.num_image_tokens
+        self.num_masked = masked_count(config)
+        self.carries_targets = pipeline_tensor_seq_length(config, 1) == 2
+        self.sequence_parallel = config.parallel.sequence_parallel
+        self._passthrough: torch.Tensor | None = None
+
+        self.vision = VisionTower(config, use_te=use_te) if pre_process else None
+        self.pool = (
+            PromptPool(
+                lm_config, pool_size=config.croc.pool_size, hidden_size=config.language.hidden_size,
+                init=config.croc.pool_init, seed=config.croc.seed,
+            )
+            if pre_process and config.croc.uses_pool
+            else None
+        )
+        self.language_model = GPTModel(
+            config=lm_config,
+            transformer_layer_spec=specs.language_layer_spec(use_te=use_te),
+            vocab_size=config.padded_vocab_size,
+            max_sequence_length=config.language.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=not config.language.untie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(config.language.rotary_base),
+            # We splice the visual tokens in before scattering to sequence-parallel ranks.
+            scatter_embedding_sequence_parallel=False,
+            vp_stage=vp_stage,
+        )
+        self.vtr_head = (
+            VTRHead(lm_config, num_tokens=self.num_image_tokens, use_te=use_te)
+            if post_process and config.croc.uses_pool
+            else None
+        )
+        self._freeze_for_stage()
+
+    # -- stage presets (SPEC §1.5) --------------------------------------------------------------
+
+    def _freeze_for_stage(self) -> None:
+        """align: only the projector trains; croc/instruct: all but the vision encoder
+        (which stays frozen unless the vision config says otherwise)."""
+        if not self.croc.trains_language_model:
+            for p in self.language_model.parameters():
+                p.requires_grad_(False)
+        # VisionTower freezes its encoder itself (config.vision.frozen); the projector, pool
+        # and VTR head always train.
+
+    # -- pipeline plumbing ------------------------------------------------------------------------
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            assert len(input_tensor) == 1, "CrocModel takes one input tensor per stage"
+            input_tensor = input_tensor[0]
+        if input_tensor is not None and self.carries_targets:
+            half = input_tensor.shape[0] // 2
+            self._passthrough = input_tensor[half:]
+            input_tensor = input_tensor[:half]
+        self.language_model.set_input_tensor(input_tensor)
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        *,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        layout: AttentionLayout,
+        visual_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        image_keys: torch.Tensor | None = None,
+    ):
+        """One micro-batch.
+
+        tokens/position_ids/labels/visual_mask: [B, S]; images: uint8 [N, 3, H, W] (first
+        stage), one per visual span in row-major order; image_keys: int64 [N], the images'
+        unique positions in the training stream (seeds their pool masks).
+
+        Returns the hidden states for the next stage, or on the last stage CrocOutputs (with
+        labels) or logits [B, S, V] (without).
+        """
+        self._check_batch(tokens, visual_mask, images, image_keys)
+        targets = None
+        decoder_input = None
+        if self.pre_process:
+            decoder_input, targets = self._embed(tokens, position_ids, visual_mask, images, image_keys)
+        elif self.carries_targets:
+            targets = self._passthrough
+
+        lm_output = self.language_model(
+            input_ids=None if decoder_input is not None else tokens,
+            position_ids=position_ids,
+            attention_mask=layout,
+            decoder_input=decoder_input,
+            labels=labels,
+            output_processor=self._lm_loss_and_hidden if self.post_process else None,
+        )
+        if not self.post_process:
+            if self.carries_targets:
+                return torch.cat([lm_output, targets], dim=0)
+            return lm_output
+        if labels is None:
+            return lm_output
+        lm_loss, hidden = lm_output
+        vtr_loss = None
+        if self.vtr_head is not None:
+            vtr_loss = self._vtr_loss(hidden, targets, visual_mask, image_keys)
+        return CrocOutputs(lm_loss_per_token=lm_loss, vtr_loss=vtr_loss)
+
+    def _check_batch(self, tokens, visual_mask, images, image_keys) -> None:
+        if tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"empty or malformed batch: tokens of shape {tuple(tokens.shape)}")
+        max_len = self.model_config.language.max_position_embeddings
+        if tokens.shape[1] > max_len:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds the model's maximum "
+                f"{max_len} (max_position_embeddings); shorten --seq-length or the samples"
+            )
+        num_visual = int(visual_mask.sum())
+        if num_visual % self.num_image_tokens:
+            raise ValueError(
+                f"{num_visual} visual positions in the batch is not a multiple of "
+                f"{self.num_image_tokens} tokens per image: the <image> expansion and the "
+                "vision preset disagree"
+            )
+        num_spans = num_visual // self.num_image_tokens
+        if self.pre_process:
+            num_images = 0 if images is None else images.shape[0]
+            if num_images != num_spans:
+                raise ValueError(
+                    f"the batch has {num_spans} <image> placeholders but {num_images} images; "
+                    "each <image> needs exactly one image"
+                )
+        if self.croc.uses_pool and num_spans and (image_keys is None or len(image_keys) != num_spans):
+            raise ValueError(
+                f"the comprehension stage needs one image key per image ({num_spans}), "
+                f"got {None if image_keys is None else len(image_keys)}"
+            )
+
+    def _draw_masks(self, image_keys: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return draw_masks(
+            seed=self.croc.seed, keys=image_keys, num_tokens=self.num_image_tokens,
+            num_masked=self.num_masked, device=device,
+        )
+
+    def _embed(self, tokens, position_ids, visual_mask, images, image_keys):
+        """Text embeddings with the (replaced) visual tokens spliced in at the visual positions.
+        Returns decoder input [S(/tp), B, H] and, when the VTR head needs them, the targets."""
+        embeddings = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)
+        embeddings = embeddings.transpose(0, 1)  # [B, S, H]
+        targets = None
+        hidden = embeddings.shape[-1]
+        if images is not None and images.shape[0] > 0:
+            visual = self.vision(images)  # [N, T, H], unit norm
+            if self.pool is not None:
+                targets = visual.detach()
+                masks = self._draw_masks(image_keys, visual.device)
+                visual, _ = self.pool(
+                    visual, masks, matcher=self.croc.matcher, solver=self.croc.assignment_solver
+                )
+            embeddings = embeddings.masked_scatter(
+                visual_mask.unsqueeze(-1), visual.to(embeddings.dtype).reshape(-1, hidden)
+            )
+        else:
+            # Text-only micro-batch: keep the first-stage-only parameters in the graph so that
+            # overlapped gradient reduction sees every parameter and no rank waits forever.
+            embeddings = embeddings + 0.0 * sum(
+                p.sum() for p in self._first_stage_params() if p.requires_grad
+            )
+        decoder_input = embeddings.transpose(0, 1).contiguous()
+        if self.sequence_parallel:
+            decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        if self.carries_targets:
+            aligned = torch.zeros_like(embeddings)
+            if targets is not None:
+                aligned = aligned.masked_scatter(visual_mask.unsqueeze(-1), targets.reshape(-1, hidden))
+            targets = aligned.transpose(0, 1).contiguous()
+            if self.sequence_parallel:
+                targets = tensor_parallel.scatter_to_sequence_parallel_region(targets)
+        return decoder_input, targets
+
+    def _first_stage_params(self):
+        for module in (self.vision, self.pool):
+            if module is not None:
+                yield from module.parameters()
+
+    @staticmethod
+    def _lm_loss_and_hidden(*, hidden_states, output_layer, output_weight, labels,
+                            compute_language_model_loss, runtime_gather_output=None, **_):
+        """GPTModel output processor: the LM loss, and the final (normed) hidden states that the
+        VTR head reads."""
+        logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return compute_language_model_loss(labels, logits), hidden_states
+
+    def _vtr_loss(self, hidden, targets, visual_mask, image_keys) -> torch.Tensor:
+        """SmoothL1(beta) between the head's predictions at visual positions and the original
+        visual tokens, mean over elements, over all or only the masked positions."""
+        if self.sequence_parallel:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden)
+        num_images = int(visual_mask.sum()) // self.num_image_tokens
+        if num_images == 0:
+            return 0.0 * sum(p.sum() for p in self.vtr_head.parameters())
+        size = hidden.shape[-1]
+        visual_hidden = hidden.transpose(0, 1)[visual_mask].view(num_images, self.num_image_tokens, size)
+        if self.carries_targets:
+            aligned = targets.detach()
+            if self.sequence_parallel:
+                aligned = tensor_parallel.gather_from_sequence_parallel_region(aligned)
+            targets = aligned.transpose(0, 1)[visual_mask].view(num_images, self.num_image_tokens, size)
+        prediction = self.vtr_head(visual_hidden.transpose(0, 1)).transpose(0, 1)  # [N, T, H]
+        loss = F.smooth_l1_loss(
+            prediction.float(), targets.float(), beta=self.croc.vtr_smooth_l1_beta, reduction="none"
+        )
+        if self.croc.vtr_loss_positions == "masked":
+            masks = self._draw_masks(image_keys, loss.device)
+            return loss[masks].mean()
+        return loss.mean()
+
+
+def croc_loss(outputs: CrocOutputs, loss_mask: torch.Tensor, config: ModelConfig):
+    """L = L_lm + alpha * L_vtr for one micro-batch. L_lm is the mean next-token loss over the
+    supervised answer tokens. Returns the total and the detached parts for reporting."""
+    mask = loss_mask.float()
+    lm = (outputs.lm_loss_per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+    parts = {"lm loss": lm.detach()}
+    total = lm
+    if outputs.vtr_loss is not None:
+        total = total + config.croc.vtr_weight * outputs.vtr_loss
+        parts["vtr loss"] = outputs.vtr_loss.detach()
+    return total, parts

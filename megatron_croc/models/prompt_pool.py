@@ -1,0 +1,71 @@
+"""The learnable prompt-token pool, the seeded per-image masks, and the replacement (SPEC §1.2).
+
+Masks are a pure function of (seed, image key): the same on every tensor-parallel rank and on
+every pipeline stage (the last stage recomputes them for the masked-only VTR loss), different
+across images and steps when the key is the image's position in the training stream, and
+reproducible on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_croc.models.matching import assign
+
+
+def _mask_seed(seed: int, key: int) -> int:
+    # A hash, not seed + key: nearby (seed, key) pairs must not give correlated streams.
+    digest = hashlib.blake2b(f"croc-mask:{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def draw_masks(
+    *, seed: int, keys: torch.Tensor, num_tokens: int, num_masked: int, device: torch.device
+) -> torch.Tensor:
+    """Boolean [len(keys), num_tokens]: ``num_masked`` positions per image, uniform without
+    replacement, drawn from a generator seeded by (seed, key)."""
+    masks = torch.zeros(len(keys), num_tokens, dtype=torch.bool)
+    for row, key in enumerate(keys.tolist()):
+        generator = torch.Generator().manual_seed(_mask_seed(seed, int(key)))
+        masks[row, torch.randperm(num_tokens, generator=generator)[:num_masked]] = True
+    return masks.to(device)
+
+
+class PromptPool(MegatronModule):
+    """A pool P of ``pool_size`` learnable tokens (replicated on tensor-parallel ranks: it is
+    small next to the LLM and every rank needs all of it for the assignment)."""
+
+    def __init__(self, config, *, pool_size: int, hidden_size: int, init: str, seed: int):
+        super().__init__(config=config)
+        generator = torch.Generator().manual_seed(_mask_seed(seed, -1))
+        weight = torch.randn(pool_size, hidden_size, generator=generator)
+        if init == "token_scale":
+            # Visual tokens are unit-norm; an N(0,1) pool has norms ~sqrt(H), and then the
+            # nearest entry is decided by the pool norms alone (SPEC §1.2 pitfall).
+            weight = weight / weight.norm(dim=-1, keepdim=True)
+        elif init != "normal":
+            raise ValueError(f"unknown pool init {init!r}: use 'token_scale' or 'normal'")
+        self.weight = torch.nn.Parameter(weight.to(config.params_dtype))
+        # Read by the optimizer's parameter groups: the pool takes no weight decay.
+        self.weight.no_weight_decay = True
+
+    def forward(
+        self, visual_tokens: torch.Tensor, masks: torch.Tensor, *, matcher: str, solver: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace the masked visual tokens by their assigned pool entries.
+
+        visual_tokens [N, T, H], masks [N, T] (the same count per row). Returns the replaced
+        tokens [N, T, H] and the assignment [N, n_masked]. Gradients reach the assigned pool
+        rows; the assignment itself is not differentiated.
+        """
+        num_images, _, hidden = visual_tokens.shape
+        selected = visual_tokens[masks].view(num_images, -1, hidden)
+        with torch.no_grad():
+            cost = torch.cdist(selected.float(), self.weight.float().unsqueeze(0).expand(num_images, -1, -1))
+            assignment = assign(cost, method=matcher, solver=solver)
+        replaced = visual_tokens.clone()
+        replaced[masks] = self.weight[assignment.reshape(-1)].to(visual_tokens.dtype)
+        return replaced, assignment

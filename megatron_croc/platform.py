@@ -1,0 +1,300 @@
+"""Where we run: CUDA/NCCL or CPU/gloo, and what is installed (TransformerEngine, apex).
+
+megatron-core assumes CUDA in a handful of places (see ../shared/MEGATRON_CPU_NOTES.md for the
+measured list). On a machine without CUDA, :func:`init_platform` applies a small set of shims so
+that the same code path users run on GPUs (tensor/pipeline/data parallelism, the distributed
+optimizer, pipeline schedules, dist_checkpointing) runs on the CPU with gloo. On a CUDA machine
+it changes nothing.
+
+Every shim is a named entry of :data:`CPU_SHIMS`; tests/unit/test_platform.py checks for each
+one that the megatron-core code path it exists for still fails without it (so a shim that is no
+longer needed is noticed) and works with it.
+
+This module imports nothing of ours, and nothing else in the package patches megatron-core for
+the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "Platform",
+    "init_platform",
+    "get_platform",
+    "te_available",
+    "apex_available",
+    "CPU_SHIMS",
+    "cpu_shims_active",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Platform:
+    """Facts about the machine, decided once per process."""
+
+    device: torch.device
+    backend: str  # torch.distributed backend: "nccl" or "gloo"
+    has_cuda: bool
+    has_te: bool
+    has_apex: bool
+
+    @property
+    def is_cpu(self) -> bool:
+        return not self.has_cuda
+
+
+def _importable(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def te_available() -> bool:
+    """TransformerEngine is usable: installed *and* a GPU present.
+
+    Importing TE without a GPU raises RuntimeError/OSError (no libcuda/cudnn) that
+    megatron-core's own import guard does not catch, so we only try with CUDA present.
+    """
+    if not torch.cuda.is_available() or not _importable("transformer_engine"):
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a broken TE install must not break the non-TE path
+        return False
+    return True
+
+
+def apex_available() -> bool:
+    if not torch.cuda.is_available() or not _importable("apex"):
+        return False
+    try:
+        import apex.optimizers  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+_PLATFORM: Platform | None = None
+
+
+def init_platform(*, force_cpu: bool = False) -> Platform:
+    """Decide the platform once; without CUDA, apply the CPU shims for megatron-core.
+
+    Idempotent. ``force_cpu`` (or ``MEGATRON_CROC_FORCE_CPU=1``) runs on the CPU on a GPU
+    machine too — useful to compare a GPU run against the CPU reference.
+    """
+    global _PLATFORM
+    if _PLATFORM is not None:
+        return _PLATFORM
+    force_cpu = force_cpu or os.environ.get("MEGATRON_CROC_FORCE_CPU", "0") == "1"
+    has_cuda = torch.cuda.is_available() and not force_cpu
+    if has_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        _PLATFORM = Platform(
+            device=torch.device("cuda", local_rank),
+            backend="nccl",
+            has_cuda=True,
+            has_te=te_available(),
+            has_apex=apex_available(),
+        )
+    else:
+        for shim in CPU_SHIMS.values():
+            shim.apply()
+        _PLATFORM = Platform(
+            device=torch.device("cpu"), backend="gloo", has_cuda=False, has_te=False, has_apex=False
+        )
+    return _PLATFORM
+
+
+def get_platform() -> Platform:
+    if _PLATFORM is None:
+        raise RuntimeError("megatron_croc.platform.init_platform() has not been called")
+    return _PLATFORM
+
+
+def cpu_shims_active() -> bool:
+    return any(s.applied for s in CPU_SHIMS.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU shims
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class _Shim:
+    """One named patch: why it exists, how to apply it."""
+
+    name: str
+    why: str
+    apply_fn: Callable[[], None]
+    applied: bool = False
+
+    def apply(self) -> None:
+        if not self.applied:
+            self.apply_fn()
+            self.applied = True
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # megatron-core passes torch.cuda.current_device() (an int) as a device
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+_CPU = torch.device("cpu")
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Redirects tensors megatron-core asks for on "cuda" to the CPU.
+
+    megatron-core allocates with literal ``device="cuda"`` / ``torch.cuda.current_device()``
+    in its pipeline schedules, p2p communication, optimizer (found-inf flag), DDP buffers and
+    dist_checkpointing, and calls ``.cuda()`` on buffers (CLIPViTModel's position ids). A
+    function mode catches all of them at one place instead of patching each call site. It
+    also answers ``Tensor.type()`` with the CUDA type name, because DistributedOptimizer
+    accepts only ``torch.cuda.*Tensor`` parameters.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.cuda:
+            return args[0].to(_CPU) if not kwargs.get("non_blocking") else args[0]
+        if func is torch.Tensor.to and len(args) > 1:
+            args = tuple(_CPU if _is_cuda_device(a) else a for a in args)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = _CUDA_TYPE_NAMES.get(args[0].dtype)
+            if name is not None:
+                return name
+        return func(*args, **kwargs)
+
+
+_MODE: _CudaToCpuMode | None = None
+
+
+def _apply_cuda_allocations_on_cpu() -> None:
+    global _MODE
+    _MODE = _CudaToCpuMode()
+    # Entered for the rest of the process: the shims are process-wide by design.
+    _MODE.__enter__()
+    torch.cuda.current_device = lambda: 0  # an int device that the mode maps to the CPU
+    torch.cuda.set_device = lambda *a, **k: None
+
+
+class _NoOpStream:
+    """Stands in for torch.cuda.Stream / current_stream(): CPU work is already ordered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, *args: Any) -> None:
+        pass
+
+    def wait_event(self, *args: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> Any:
+        return event if event is not None else _NoOpEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _NoOpEvent:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, *args: Any) -> None:
+        pass
+
+    def wait(self, *args: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other: Any) -> float:
+        return 0.0
+
+
+def _apply_noop_streams() -> None:
+    # DDP (grad sync), p2p communication and dist_checkpointing synchronise CUDA streams.
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.Stream = _NoOpStream  # type: ignore[misc,assignment]
+    torch.cuda.Event = _NoOpEvent  # type: ignore[misc,assignment]
+    torch.cuda.current_stream = lambda *a, **k: _NoOpStream()
+    torch.cuda.default_stream = lambda *a, **k: _NoOpStream()
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+
+
+def _apply_cpu_rng_tracker() -> None:
+    # megatron-core's model-parallel RNG tracker saves/restores the *CUDA* generator so that
+    # dropout differs across TP ranks where it must. On the CPU the device generator is the CPU
+    # generator, so route the tracker's get/set/seed there: same semantics, other device.
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # Not torch.manual_seed: it calls torch.cuda.manual_seed_all itself.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
+    mpu_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mpu_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def _apply_eager_jit_fuser() -> None:
+    # megatron-core decorates its element-wise fusions (SwiGLU, RMSNorm, bias-dropout-add, ...)
+    # with jit_fuser = torch.compile. On the CPU, inductor first builds and probes a C++
+    # toolchain: ~20-40 s in *every* process, for functions that take microseconds eagerly.
+    # The decorators are applied at import time, so switch dynamo off rather than the fuser.
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True
+
+
+CPU_SHIMS: dict[str, _Shim] = {
+    s.name: s
+    for s in (
+        _Shim(
+            name="cuda_allocations_on_cpu",
+            why='literal device="cuda"/current_device() allocations, .cuda() buffers and the '
+            "DistributedOptimizer's torch.cuda.*Tensor type check",
+            apply_fn=_apply_cuda_allocations_on_cpu,
+        ),
+        _Shim(
+            name="noop_streams",
+            why="torch.cuda.synchronize/Stream/Event in DDP, p2p and dist_checkpointing",
+            apply_fn=_apply_noop_streams,
+        ),
+        _Shim(
+            name="cpu_rng_tracker",
+            why="the model-parallel RNG tracker reads and seeds the CUDA generator",
+            apply_fn=_apply_cpu_rng_tracker,
+        ),
+        _Shim(
+            name="eager_jit_fuser",
+            why="megatron-core's jit_fuser (torch.compile) costs ~20-40 s of inductor C++ "
+            "builds per process on the CPU",
+            apply_fn=_apply_eager_jit_fuser,
+        ),
+    )
+}

@@ -1,0 +1,153 @@
+"""Helpers shared by the tests and the benchmarks: a multi-process gloo launcher and a synthetic
+micro-batch that follows the batch contract of megatron_croc.data (without depending on it)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(worker: Callable[..., Any], rank: int, world_size: int, port: int, queue, kwargs: dict) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    try:
+        result = worker(rank=rank, world_size=world_size, **kwargs)
+        queue.put((rank, "ok", result))
+    except BaseException:  # report every failure, with its traceback, to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(worker: Callable[..., Any], world_size: int, *, timeout: float = 600, **kwargs) -> list[Any]:
+    """Run ``worker(rank=, world_size=, **kwargs)`` in ``world_size`` spawned processes (the
+    worker sets up its own process group from the usual env vars) and return the results in
+    rank order. A failure in any rank raises with that rank's traceback."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_child, args=(worker, rank, world_size, port, queue, kwargs), daemon=False)
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, status, payload = queue.get(timeout=timeout)
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank} failed:\n{payload}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 60)
+            if p.is_alive():
+                p.kill()
+    if errors or len(results) != world_size:
+        raise RuntimeError("\n".join(errors) or f"only {len(results)} of {world_size} ranks reported")
+    return [results[r] for r in range(world_size)]
+
+
+def init_distributed(*, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                     virtual_pipeline_parallel: int | None = None, seed: int = 1234) -> None:
+    """Process group (gloo on CPU, NCCL on GPU) and megatron-core's parallel state, for a
+    process started by torchrun or :func:`run_distributed`."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_croc.platform import init_platform
+
+    platform = init_platform()
+    if not dist.is_initialized():
+        dist.init_process_group(platform.backend)
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def synthetic_batch(
+    *,
+    num_image_tokens: int,
+    image_size: int,
+    vocab_size: int,
+    seq_length: int,
+    rows: list[list[dict]],
+    seed: int = 0,
+    pad_token_id: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A micro-batch in the data package's collated format.
+
+    ``rows``: for each row, the packed samples it holds, each a dict with ``prompt`` (text
+    tokens before the image), ``image`` (bool), ``question`` (text tokens between image and
+    answer) and ``answer`` (supervised tokens). The rest of the row is padding.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bsz = len(rows)
+    tokens = torch.full((bsz, seq_length), pad_token_id, dtype=torch.long)
+    labels = torch.full((bsz, seq_length), pad_token_id, dtype=torch.long)
+    loss_mask = torch.zeros(bsz, seq_length)
+    position_ids = torch.zeros(bsz, seq_length, dtype=torch.long)
+    segment_ids = torch.zeros(bsz, seq_length, dtype=torch.int32)
+    visual_mask = torch.zeros(bsz, seq_length, dtype=torch.bool)
+    images = []
+    image_keys = []
+    for b, samples in enumerate(rows):
+        pos = 0
+        for s_idx, sample in enumerate(samples, start=1):
+            parts = [("text", sample.get("prompt", 0))]
+            if sample.get("image", False):
+                parts.append(("image", num_image_tokens))
+            parts += [("text", sample.get("question", 0)), ("answer", sample.get("answer", 0))]
+            start = pos
+            for kind, n in parts:
+                if kind == "image":
+                    visual_mask[b, pos : pos + n] = True
+                    images.append(torch.randint(0, 256, (3, image_size, image_size), generator=g, dtype=torch.uint8))
+                    image_keys.append(len(image_keys) + 1000 * seed)
+                else:
+                    tokens[b, pos : pos + n] = torch.randint(1, vocab_size, (n,), generator=g)
+                if kind == "answer" and n:
+                    # the positions *predicting* answer tokens carry the loss
+                    loss_mask[b, pos - 1 : pos + n - 1] = 1.0
+                pos += n
+            if pos > seq_length:
+                raise ValueError(f"row {b} needs {pos} positions, more than {seq_length}")
+            segment_ids[b, start:pos] = s_idx
+            position_ids[b, start:pos] = torch.arange(pos - start)
+            labels[b, start : pos - 1] = tokens[b, start + 1 : pos]
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "visual_mask": visual_mask,
+        "images": torch.stack(images) if images else torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8),
+        "image_keys": torch.tensor(image_keys, dtype=torch.long),
+    }

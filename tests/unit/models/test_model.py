@@ -1,0 +1,144 @@
+"""The CrocModel on one process: forward/backward, stage presets, bad input, config checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_croc.config import ConfigError, CrocConfig, ParallelConfig, PrecisionConfig, model_preset, validate
+from megatron_croc.models.attention import build_attention_layout
+from megatron_croc.models.croc import CrocModel, CrocOutputs, croc_loss
+from megatron_croc.testing import synthetic_batch
+
+ROWS = [
+    [dict(prompt=3, image=True, question=2, answer=5)],
+    [dict(prompt=1, image=True, question=0, answer=4), dict(prompt=2, image=False, question=1, answer=3)],
+]
+
+
+def _batch(config, rows=ROWS, seq_length=48, seed=0):
+    return synthetic_batch(
+        num_image_tokens=config.vision.num_image_tokens, image_size=config.vision.image_size,
+        vocab_size=config.language.vocab_size, seq_length=seq_length, rows=rows, seed=seed,
+    )
+
+
+def _run(model, config, batch, *, backward=True):
+    layout = build_attention_layout(
+        config.croc.attention_variant, segment_ids=batch["segment_ids"],
+        visual_mask=batch["visual_mask"], loss_mask=batch["loss_mask"],
+    )
+    out = model(
+        tokens=batch["tokens"], position_ids=batch["position_ids"], layout=layout,
+        visual_mask=batch["visual_mask"], labels=batch["labels"], images=batch["images"],
+        image_keys=batch["image_keys"],
+    )
+    loss, parts = croc_loss(out, batch["loss_mask"], config)
+    if backward:
+        loss.backward()
+    return out, loss, parts
+
+
+def _model(stage="croc", **croc):
+    config = model_preset("tiny", croc=CrocConfig(stage=stage, pool_size=64, **croc))
+    torch.manual_seed(0)
+    return config, CrocModel(config)
+
+
+def test_croc_stage_reports_both_losses_and_trains_what_it_should(megatron_world):
+    config, model = _model("croc")
+    out, loss, parts = _run(model, config, _batch(config))
+    assert isinstance(out, CrocOutputs) and out.lm_loss_per_token.shape == (2, 48)
+    assert set(parts) == {"lm loss", "vtr loss"}
+    torch.testing.assert_close(loss, parts["lm loss"] + 10.0 * parts["vtr loss"])
+    for name, p in model.named_parameters():
+        if name.startswith("vision.encoder."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad, name
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+STAGE_TRAINABLE = {
+    # SPEC §1.5: align trains the projector only; croc and instruct all but the vision encoder
+    "align": {"vision.projector"},
+    "croc": {"vision.projector", "pool", "language_model", "vtr_head"},
+    "instruct": {"vision.projector", "language_model"},
+}
+
+
+@pytest.mark.parametrize("stage", ["align", "croc", "instruct"])
+def test_stage_presets_freeze_exactly_what_the_spec_says(megatron_world, stage):
+    config, model = _model(stage)
+    top = {n.split(".")[0] if not n.startswith("vision.") else ".".join(n.split(".")[:2])
+           for n, _ in model.named_parameters()}
+    assert ("pool" in top) == (stage == "croc") and ("vtr_head" in top) == (stage == "croc")
+    trainable = {".".join(n.split(".")[:2]) if n.startswith("vision.") else n.split(".")[0]
+                 for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == STAGE_TRAINABLE[stage]
+    assert config.croc.attention_variant == ("visual" if stage == "croc" else "causal")
+    _, _, parts = _run(model, config, _batch(config))
+    assert ("vtr loss" in parts) == (stage == "croc")
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+
+
+def test_masked_only_vtr_loss_and_prefix_attention_run(megatron_world):
+    config, model = _model("croc", vtr_loss_positions="masked", attention="prefix", matcher="nearest")
+    _, loss, parts = _run(model, config, _batch(config))
+    assert torch.isfinite(loss) and parts["vtr loss"] > 0
+
+
+def test_text_only_batch_keeps_every_trainable_parameter_in_the_graph(megatron_world):
+    config, model = _model("croc")
+    rows = [[dict(prompt=4, image=False, question=2, answer=6)]]
+    _, loss, parts = _run(model, config, _batch(config, rows=rows, seq_length=16))
+    assert parts["vtr loss"] == 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+
+
+def test_bad_input_gives_clear_errors(megatron_world):
+    config, model = _model("croc")
+    batch = _batch(config)
+    layout = build_attention_layout("visual", segment_ids=batch["segment_ids"],
+                                    visual_mask=batch["visual_mask"], loss_mask=batch["loss_mask"])
+    common = dict(position_ids=batch["position_ids"], layout=layout, labels=batch["labels"],
+                  image_keys=batch["image_keys"])
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
+        model(tokens=batch["tokens"], visual_mask=batch["visual_mask"], images=batch["images"][:1], **common)
+    broken = batch["visual_mask"].clone()
+    broken[0, 40] = True
+    with pytest.raises(ValueError, match="not a multiple of 16 tokens per image"):
+        model(tokens=batch["tokens"], visual_mask=broken, images=batch["images"], **common)
+    with pytest.raises(ValueError, match="empty or malformed batch"):
+        model(tokens=batch["tokens"][:0], visual_mask=batch["visual_mask"][:0], images=batch["images"][:0],
+              **{**common, "position_ids": batch["position_ids"][:0]})
+    too_long = config.language.max_position_embeddings + 1
+    with pytest.raises(ValueError, match="exceeds the model's maximum"):
+        model(tokens=torch.zeros(1, too_long, dtype=torch.long), visual_mask=torch.zeros(1, too_long, dtype=torch.bool),
+              images=None, position_ids=torch.zeros(1, too_long, dtype=torch.long), layout=None, labels=None)
+    with pytest.raises(ValueError, match="uint8"):
+        model.vision(batch["images"].float())
+
+
+def test_config_refuses_what_cannot_work():
+    tiny = model_preset("tiny")
+    for change, flag in (
+        (dict(parallel=ParallelConfig(sequence_parallel=True)), "--sequence-parallel"),
+        (dict(precision=PrecisionConfig(fp8_format="hybrid")), "--fp8-format"),
+        (dict(apply_rope_fusion=True), "--apply-rope-fusion"),
+        (dict(gradient_accumulation_fusion=True), "--gradient-accumulation-fusion"),
+    ):
+        with pytest.raises(ConfigError, match=flag):
+            validate(tiny.replace(**change), has_te=False, has_apex=False)
+    validate(tiny.replace(parallel=ParallelConfig(sequence_parallel=True)), has_te=True, has_apex=False)
+    with pytest.raises(ConfigError, match="does not divide the attention heads"):
+        validate(tiny.replace(parallel=ParallelConfig(tensor_model_parallel_size=3)), has_te=False, has_apex=False)
+    with pytest.raises(ConfigError, match="cannot be split evenly"):
+        validate(tiny.replace(parallel=ParallelConfig(pipeline_model_parallel_size=4)), has_te=False, has_apex=False)
+    with pytest.raises(ConfigError, match="Hungarian matcher needs"):
+        validate(tiny.replace(croc=CrocConfig(pool_size=4)), has_te=False, has_apex=False)
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        model_preset("gpt-5")
