@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
@@ -140,6 +140,15 @@ class CrocModel(MegatronModule):
         # and VTR head always train.
 
     # -- pipeline plumbing ------------------------------------------------------------------------
+
+    # megatron-core's finalize_model_grads syncs tied embeddings between the first and last
+    # stage through these two names; they belong to the language model.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, (list, tuple)):
@@ -278,14 +287,25 @@ class CrocModel(MegatronModule):
             if module is not None:
                 yield from module.parameters()
 
-    @staticmethod
-    def _lm_loss_and_hidden(*, hidden_states, output_layer, output_weight, labels,
+    def _lm_loss_and_hidden(self, *, hidden_states, output_layer, output_weight, labels,
                             compute_language_model_loss, runtime_gather_output=None, **_):
         """GPTModel output processor: the LM loss, and the final (normed) hidden states that the
-        VTR head reads."""
+        VTR head reads.
+
+        The vocabulary is padded for tensor parallelism (to a multiple of 128 x TP), so the
+        padding differs between layouts; its logits are masked out so the model's function is
+        the same at every layout and no probability goes to tokens that do not exist.
+        """
         logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
+        vocab = self.model_config.language.vocab_size
+        local = logits.shape[-1]
+        gathered = labels is None and local == self.model_config.padded_vocab_size
+        first = 0 if gathered else parallel_state.get_tensor_model_parallel_rank() * local
+        if first + local > vocab:
+            ids = torch.arange(first, first + local, device=logits.device)
+            logits = logits.masked_fill(ids >= vocab, float("-inf"))
         if labels is None:
-            return logits.transpose(0, 1).contiguous()
+            return logits[..., :vocab].transpose(0, 1).contiguous() if gathered else logits.transpose(0, 1)
         return compute_language_model_loss(labels, logits), hidden_states
 
     def _vtr_loss(self, hidden, targets, visual_mask, image_keys) -> torch.Tensor:

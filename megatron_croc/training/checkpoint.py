@@ -1,0 +1,260 @@
+"""Checkpoints with megatron-core's dist_checkpointing: model, optimizer, scheduler, RNG
+states, iteration and data position, loadable at any TP/PP/DP layout.
+
+Layout of ``--save``::
+
+    iter_0000200/                     a dist_checkpointing directory
+    latest_checkpointed_iteration.txt the iteration to resume from (Megatron's name)
+
+Crash safety: a checkpoint is written to ``iter_XXXXXXX.tmp``, renamed once every rank has
+finished, and only then is the latest-pointer replaced (write + atomic rename). A kill at any
+moment leaves the previous checkpoint and pointer intact; stale ``.tmp`` folders are removed by
+the next save.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_croc.training.step import unwrap
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    keep_last: int = 2
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def read_latest_iteration(root: str | os.PathLike) -> int | None:
+    path = Path(root) / LATEST_FILE
+    if not path.exists():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+        "data_parallel_size": ps.get_data_parallel_world_size(),
+    }
+
+
+def _rng_sharded_object(state: Any):
+    """Per-rank RNG state as a ShardedObject (one per TP x PP position, replicated over DP)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(
+        "rng_state",
+        state,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _model_sharded_state_dict(model_chunks: list) -> dict[str, Any]:
+    # Keys of the CrocModel itself, whatever wraps it (DDP, Float16Module): a checkpoint must
+    # not depend on how the model was trained.
+    chunks = [unwrap(c) for c in model_chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _optimizer_sharded_state_dict(optimizer, model_sd: dict[str, Any], *, is_loading: bool):
+    # "fully_reshardable": the only sharding of DistributedOptimizer state that measured to
+    # save and load across TP/PP/DP changes (MEGATRON_CPU_NOTES.md).
+    return optimizer.sharded_state_dict(
+        model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+    )
+
+
+def _write_atomically(root: str, iteration: int, state: dict[str, Any], keep_last: int) -> Path:
+    """dist_checkpointing.save into iter_XXXXXXX.tmp, rename, then move the latest-pointer.
+    Collective over the default process group."""
+    from megatron.core import dist_checkpointing
+
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        for stale in Path(root).glob("iter_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():  # re-saving the same iteration (e.g. after a resume)
+            shutil.rmtree(final)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+    if rank == 0:
+        tmp.rename(final)
+        pointer = Path(root) / LATEST_FILE
+        pointer_tmp = pointer.with_suffix(".tmp")
+        pointer_tmp.write_text(f"{iteration}\n")
+        os.replace(pointer_tmp, pointer)
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    *,
+    model_chunks: list,
+    optimizer,
+    scheduler,
+    extra_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Save a resumable training checkpoint and make it the latest; returns its directory."""
+    model_sd = _model_sharded_state_dict(model_chunks)
+    state: dict[str, Any] = dict(model_sd)
+    state["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False)
+    state["rng_state"] = _rng_sharded_object(_rng_state())
+    state["scheduler"] = scheduler.state_dict()
+    state["iteration"] = iteration
+    state["layout"] = _layout()
+    state["format_version"] = FORMAT_VERSION
+    state.update(extra_state)
+    return _write_atomically(root, iteration, state, keep_last)
+
+
+def save_weights(root: str, *, model_chunks: list, extra_state: dict[str, Any] | None = None) -> Path:
+    """Save model weights only (no optimizer, scheduler, RNG or data position), as iteration 0:
+    ``--load`` then starts training from these weights (e.g. converted from HuggingFace)."""
+    state: dict[str, Any] = dict(_model_sharded_state_dict(model_chunks))
+    state["iteration"] = 0
+    state["layout"] = _layout()
+    state["format_version"] = FORMAT_VERSION
+    state.update(extra_state or {})
+    return _write_atomically(root, 0, state, keep_last=0)
+
+
+def _prune(root: str, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    dirs = sorted(p for p in Path(root).glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in dirs[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# Modules that exist only in some stages: a checkpoint of another stage may lack them, and they
+# then keep their fresh initialisation (align -> croc adds the pool and the VTR head).
+STAGE_SPECIFIC_PREFIXES = ("pool.", "vtr_head.")
+
+
+def load_checkpoint(
+    root: str,
+    *,
+    model_chunks: list,
+    optimizer,
+    scheduler,
+    stage: str,
+    no_load_optim: bool = False,
+    no_load_rng: bool = False,
+    iteration: int | None = None,
+) -> dict[str, Any]:
+    """Load the latest (or the given) checkpoint into the model, and the optimizer, scheduler
+    and RNG when the checkpoint has them, belongs to the same stage and they are asked for.
+    Returns the common state (iteration, data position, ...).
+
+    Weights only (training restarts at iteration 0, fresh optimizer) when the checkpoint has no
+    optimizer state (converted from HuggingFace) or comes from another stage (align -> croc ->
+    instruct); modules new to this stage keep their initialisation.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    if iteration is None:
+        iteration = read_latest_iteration(root)
+        if iteration is None:
+            raise FileNotFoundError(
+                f"--load {root}: no {LATEST_FILE} there. Point --load at a folder written by "
+                "--save or by tools/convert_checkpoint.py."
+            )
+    ckpt = iteration_dir(root, iteration)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"--load {root}: {LATEST_FILE} names iteration {iteration}, but {ckpt} is missing")
+
+    common = dict(dist_checkpointing.load_common_state_dict(str(ckpt)))
+    resumable = "scheduler" in common and common.get("croc_stage") == stage
+    same_layout = common.get("layout") == _layout()
+
+    model_sd = _model_sharded_state_dict(model_chunks)
+    request: dict[str, Any] = dict(model_sd)
+    load_optim = resumable and not no_load_optim and optimizer is not None
+    if load_optim:
+        request["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
+    load_rng = resumable and not no_load_rng and same_layout
+    if load_rng:
+        request["rng_state"] = _rng_sharded_object(None)
+
+    # megatron-core's naming: "unexpected" = requested but absent from the checkpoint (these
+    # are skipped and keep their current values), "missing" = in the checkpoint, not requested.
+    state, _, missing = dist_checkpointing.load(request, str(ckpt), strict=StrictHandling.RETURN_ALL)
+    model_keys = [k for k in ("model", *[f"model{i}" for i in range(len(model_chunks))]) if k in state]
+    fresh = sorted(k for k in missing if not k.startswith(STAGE_SPECIFIC_PREFIXES))
+    if fresh:
+        raise KeyError(f"{ckpt} lacks {len(fresh)} model tensors this model needs, e.g. {fresh[:5]}")
+    for chunk, key in zip(model_chunks, model_keys):
+        result = unwrap(chunk).load_state_dict(state[key], strict=False)
+        wrong = [k for k in result.missing_keys if not k.startswith(STAGE_SPECIFIC_PREFIXES) and "_extra_state" not in k]
+        if wrong:
+            raise KeyError(f"{ckpt}: no values for {wrong[:5]}")
+    if load_optim:
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(common["scheduler"])
+    if load_rng:
+        _set_rng_state(state["rng_state"])
+    common["loaded_optimizer"] = load_optim
+    common["initialised_fresh"] = sorted({k.split(".")[0] for k in missing})
+    if not resumable:
+        common["iteration"] = 0
+        common.pop("data", None)
+    return common
