@@ -3,8 +3,6 @@ synthetic micro-batch builder that depends on nothing but the model's batch cont
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -30,9 +28,9 @@ def megatron_world():
 
     init_platform()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # an explicit address, not MASTER_PORT: subprocesses the tests start must not inherit
+        # (and collide with) this process group's port
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(1, 1)
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed

@@ -61,7 +61,10 @@ class VTRHead(MegatronModule):
         self.position_embedding = torch.nn.Parameter(
             torch.randn(num_tokens, 1, hidden, dtype=lm_config.params_dtype) * lm_config.init_method_std
         )
-        self.layer = build_module(specs.bidirectional_layer_spec(use_te=use_te), config=lm_config, layer_number=1)
+        # A standalone layer, not one of the LLM's: no pipeline layer offset.
+        self.layer = build_module(
+            specs.bidirectional_layer_spec(use_te=use_te), config=lm_config, layer_number=1, add_layer_offset=False
+        )
         self.output = tensor_parallel.ColumnParallelLinear(
             hidden, hidden, config=lm_config, init_method=lm_config.init_method, bias=True,
             gather_output=True,
@@ -338,9 +341,10 @@ def croc_loss(outputs: CrocOutputs, loss_mask: torch.Tensor, config: ModelConfig
     supervised answer tokens. Returns the total and the detached parts for reporting."""
     mask = loss_mask.float()
     lm = (outputs.lm_loss_per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
-    parts = {"lm loss": lm.detach()}
+    # clone: megatron-core's schedules scale the returned loss in place (/= micro-batches)
+    parts = {"lm loss": lm.detach().clone()}
     total = lm
     if outputs.vtr_loss is not None:
         total = total + config.croc.vtr_weight * outputs.vtr_loss
-        parts["vtr loss"] = outputs.vtr_loss.detach()
+        parts["vtr loss"] = outputs.vtr_loss.detach().clone()
     return total, parts

@@ -5,6 +5,7 @@ result is turned into frozen dataclasses once, in :func:`parse_args`, and only t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", choices=sorted(MODEL_PRESETS), help="model preset (LLM + vision encoder)")
+    g.add_argument("--num-layers", type=int, default=None, help="override the preset's number of LLM layers")
     g.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size (set automatically from the data's tokenizer)")
     g.add_argument("--unfreeze-vision", action="store_true", help="train the vision encoder too")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
@@ -191,14 +193,12 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
     )
     language = base.language
     if args.vocab_size is not None:
-        from dataclasses import replace
-
-        language = replace(language, vocab_size=args.vocab_size)
+        language = dataclasses.replace(language, vocab_size=args.vocab_size)
+    if args.num_layers is not None:
+        language = dataclasses.replace(language, num_layers=args.num_layers)
     vision = base.vision
     if args.unfreeze_vision:
-        from dataclasses import replace
-
-        vision = replace(vision, frozen=False)
+        vision = dataclasses.replace(vision, frozen=False)
     model = base.replace(
         vision=vision,
         language=language,

@@ -188,6 +188,24 @@ def _prune(root: str, keep_last: int) -> None:
 STAGE_SPECIFIC_PREFIXES = ("pool.", "vtr_head.")
 
 
+def _absent_stage_modules(ckpt: Path) -> tuple[str, ...]:
+    """The stage-specific module prefixes of which the checkpoint holds no tensor."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    return tuple(p for p in STAGE_SPECIFIC_PREFIXES if not any(k.startswith(p) for k in stored))
+
+
+def _without_prefixes(tree: Any, prefixes: tuple[str, ...]) -> Any:
+    if isinstance(tree, dict):
+        return {
+            k: _without_prefixes(v, prefixes)
+            for k, v in tree.items()
+            if not str(getattr(v, "key", "")).startswith(prefixes)
+        }
+    return tree
+
+
 def load_checkpoint(
     root: str,
     *,
@@ -226,6 +244,11 @@ def load_checkpoint(
     same_layout = common.get("layout") == _layout()
 
     model_sd = _model_sharded_state_dict(model_chunks)
+    absent = _absent_stage_modules(ckpt)
+    if absent:
+        # Request nothing of a module the checkpoint lacks: megatron-core cannot merge the
+        # gated-MLP factories of a module it did not load.
+        model_sd = {k: _without_prefixes(v, absent) for k, v in model_sd.items()}
     request: dict[str, Any] = dict(model_sd)
     load_optim = resumable and not no_load_optim and optimizer is not None
     if load_optim:
@@ -253,7 +276,7 @@ def load_checkpoint(
     if load_rng:
         _set_rng_state(state["rng_state"])
     common["loaded_optimizer"] = load_optim
-    common["initialised_fresh"] = sorted({k.split(".")[0] for k in missing})
+    common["initialised_fresh"] = sorted({p.rstrip(".") for p in absent} | {k.split(".")[0] for k in missing})
     if not resumable:
         common["iteration"] = 0
         common.pop("data", None)

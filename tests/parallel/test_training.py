@@ -126,3 +126,109 @@ def test_tp2_checkpoint_continues_at_pp2(demo_prefix, init_ckpt, tmp_path):
     for got, want in zip(continued, straight[5:]):
         for key in ("lm loss", "vtr loss"):
             assert abs(got[key] - want[key]) <= RTOL * abs(want[key]), (got, want)
+
+
+def test_interleaved_pipeline_matches_single_process(demo_prefix, tmp_path):
+    """PP=2 with 2 virtual stages each (4 layers) equals the single-process run."""
+    four = ["--num-layers", "4"]
+    init = str(tmp_path / "init4")
+    run_distributed(_save_init_worker, 1, argv=_args(demo_prefix, *four), path=init)
+    single = _run(1, _args(demo_prefix, *four, "--load", init))
+    interleaved = _run(2, _args(demo_prefix, *four, "--load", init, "--pipeline-model-parallel-size", "2",
+                                "--virtual-pipeline-model-parallel-size", "2"))
+    _assert_close(interleaved, single)
+
+
+@pytest.fixture(scope="module")
+def text_only_prefix(demo_prefix, tmp_path_factory):
+    """A dataset without a single image: every micro-batch is text-only."""
+    import json
+
+    from megatron_croc.data.indexed import read_meta
+    from megatron_croc.data.preprocess import PreprocessConfig, run_preprocess
+
+    folder = tmp_path_factory.mktemp("textonly")
+    records = [
+        {"id": f"t{i}", "conversations": [
+            {"from": "human", "value": f"What comes after {i}?"},
+            {"from": "gpt", "value": f"The number after {i} is {i + 1}."}]}
+        for i in range(64)
+    ]
+    (folder / "text.json").write_text(json.dumps(records))
+    meta = read_meta(demo_prefix)
+    prefix = str(folder / "text")
+    run_preprocess(
+        PreprocessConfig(inputs=[str(folder / "text.json")], image_folder=str(folder), output_prefix=prefix,
+                         tokenizer_type="SentencePieceTokenizer", tokenizer_model=meta["tokenizer"]["path"],
+                         template="vicuna_v1", image_size=32, seq_length=160, num_image_tokens=16, workers=1,
+                         progress_bar=False),
+        log=lambda _msg: None,
+    )
+    return prefix
+
+
+def test_text_only_micro_batches_do_not_hang_any_stage(text_only_prefix):
+    """Vision, pool and VTR head get no real gradient from text; with overlapped gradient
+    reduction every parameter must still report, on every stage."""
+    history = _run(2, _args(text_only_prefix, "--pipeline-model-parallel-size", "2", "--overlap-grad-reduce",
+                            "--train-iters", "3"), timeout=300)
+    assert len(history) == 3 and all(h["vtr loss"] == 0 for h in history)
+
+
+def test_stage_change_loads_weights_and_initialises_new_modules(demo_prefix, tmp_path):
+    """align -> croc: the LLM and projector come from the align checkpoint, the pool and VTR
+    head start fresh, the optimizer starts fresh at iteration 0."""
+    save = str(tmp_path / "align")
+    align = _run(1, _args(demo_prefix, "--croc-stage", "align", "--train-iters", "3", "--save", save))
+    assert "vtr loss" not in align[0]
+    # the reported loss is the real one (megatron-core scales the returned loss in place)
+    assert align[0]["lm loss"] > 5.0
+    croc = _run(1, _args(demo_prefix, "--croc-stage", "croc", "--train-iters", "2", "--load", save))
+    assert [h["iteration"] for h in croc] == [1, 2] and "vtr loss" in croc[0]
+
+
+def test_nonfinite_steps_are_skipped_then_training_stops(demo_prefix):
+    env = {"MEGATRON_CROC_INJECT_NONFINITE": "2,3"}
+    history = _run(1, _args(demo_prefix, "--train-iters", "5"), env=env)
+    assert [h["iteration"] for h in history] == [1, 4, 5]  # 2 and 3 skipped and reported
+    with pytest.raises(RuntimeError, match="3 consecutive steps had non-finite loss"):
+        _run(1, _args(demo_prefix, "--train-iters", "6", "--max-skipped-steps", "3"),
+             env={"MEGATRON_CROC_INJECT_NONFINITE": "2,3,4"})
+
+
+def _crash_during_save_worker(rank, world_size, argv, save):
+    """Save at iteration 2, then crash inside the save of iteration 4 (after some files were
+    written), then check that the checkpoint still loads at iteration 2."""
+    from unittest import mock
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_croc.training import pretrain
+    from megatron_croc.training.arguments import parse_args
+    from megatron_croc.training.checkpoint import read_latest_iteration
+
+    real_save = dist_checkpointing.save
+    calls = {"n": 0}
+
+    def flaky_save(state, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            (__import__("pathlib").Path(path) / "partial.distcp").write_bytes(b"garbage")
+            raise KeyboardInterrupt("killed during save")
+        return real_save(state, path, *a, **k)
+
+    with mock.patch.object(dist_checkpointing, "save", flaky_save):
+        try:
+            pretrain.train(parse_args(argv + ["--save", save, "--save-interval", "2"], world_size=world_size))
+        except KeyboardInterrupt:
+            pass
+    assert read_latest_iteration(save) == 2
+    summary = pretrain.train(parse_args(argv + ["--load", save], world_size=world_size))
+    return [h["iteration"] for h in summary["history"]]
+
+
+def test_kill_during_save_leaves_a_loadable_checkpoint(demo_prefix, tmp_path):
+    save = str(tmp_path / "ckpt")
+    (iterations,) = run_distributed(_crash_during_save_worker, 1, argv=_args(demo_prefix, "--train-iters", "5"),
+                                    save=save)
+    assert iterations == [3, 4, 5]  # resumed after the last complete checkpoint

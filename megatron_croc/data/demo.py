@@ -1,0 +1,339 @@
+"""The bundled demo set: rendered shapes whose detailed caption follows from the picture.
+
+Each image shows 1-3 shapes (circle, square, triangle), each small or large, in one of six
+colours, in distinct quadrants of a plain background. The caption states all of it in a fixed
+order ("There are two shapes on a white background: a large red circle at the top left and a
+small blue square at the bottom right."), so a tiny model can learn to read it off the visual
+tokens. About a quarter of the samples have follow-up rounds (counts, colours, background) to
+exercise multi-turn ``vicuna_v1``; a few are text-only.
+
+``ensure_demo_dataset`` generates LLaVA-format JSON + PNGs, trains a small SentencePiece
+tokenizer on the text, and runs the real preprocessing pipeline; everything is deterministic
+from the seed and takes a few seconds, so the set is regenerated into a cache folder rather
+than committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from megatron_croc.data.templates import LLAMA3_SYSTEM, VICUNA_SYSTEM
+
+DEMO_VERSION = 1
+
+SHAPES = ("circle", "square", "triangle")
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (40, 70, 230),
+    "yellow": (240, 210, 30),
+    "purple": (150, 50, 180),
+    "orange": (250, 130, 20),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+SIZES = ("small", "large")
+NUMBERS = ("zero", "one", "two", "three")
+DETAIL_PROMPTS = (
+    "Describe the image in detail.",
+    "What do you see in this picture?",
+    "Give a detailed description of the image.",
+    "Describe the shapes in the image.",
+)
+TEXT_ONLY = (
+    ("What shapes can appear in the pictures?", "The pictures show circles, squares and triangles."),
+    ("Which colors can the shapes have?", "The shapes can be red, green, blue, yellow, purple or orange."),
+    ("How many corners does a square have?", "A square has four corners."),
+    ("How many corners does a triangle have?", "A triangle has three corners."),
+)
+
+
+@dataclass(kw_only=True, frozen=True)
+class ShapeSpec:
+    shape: str
+    color: str
+    size: str
+    position: str
+
+
+@dataclass(kw_only=True, frozen=True)
+class SceneSpec:
+    background: str
+    shapes: tuple[ShapeSpec, ...]  # in POSITIONS order
+
+
+def sample_scene(rng: np.random.Generator) -> SceneSpec:
+    background = str(rng.choice(list(BACKGROUNDS)))
+    n = int(rng.integers(1, 4))
+    cells = sorted(rng.choice(len(POSITIONS), size=n, replace=False).tolist())
+    shapes = tuple(
+        ShapeSpec(
+            shape=str(rng.choice(SHAPES)),
+            color=str(rng.choice(list(COLORS))),
+            size=str(rng.choice(SIZES)),
+            position=POSITIONS[c],
+        )
+        for c in cells
+    )
+    return SceneSpec(background=background, shapes=shapes)
+
+
+def caption(scene: SceneSpec) -> str:
+    parts = [f"a {s.size} {s.color} {s.shape} at the {s.position}" for s in scene.shapes]
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    n = len(scene.shapes)
+    head = "There is one shape" if n == 1 else f"There are {NUMBERS[n]} shapes"
+    return f"{head} on a {scene.background} background: {listed}."
+
+
+def render(scene: SceneSpec, size: int = 64) -> Image.Image:
+    """Draw the scene; each quadrant is a cell, shapes are centred in their cell."""
+    img = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(img)
+    half = size // 2
+    for s in scene.shapes:
+        col, row = POSITIONS.index(s.position) % 2, POSITIONS.index(s.position) // 2
+        cx, cy = col * half + half // 2, row * half + half // 2
+        r = round(half * (0.42 if s.size == "large" else 0.22))
+        fill = COLORS[s.color]
+        if s.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif s.shape == "square":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return img
+
+
+def follow_up_rounds(scene: SceneSpec, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """1-2 question/answer rounds whose answers follow from the picture."""
+    options: list[tuple[str, str]] = []
+    n = len(scene.shapes)
+    options.append(("How many shapes are there?", "There is one shape." if n == 1 else f"There are {NUMBERS[n]} shapes."))
+    options.append(("What is the background color?", f"The background is {scene.background}."))
+    s = scene.shapes[int(rng.integers(n))]
+    options.append((f"What color is the {s.shape} at the {s.position}?", f"The {s.shape} at the {s.position} is {s.color}."))
+    options.append((f"What is at the {s.position}?", f"A {s.size} {s.color} {s.shape}."))
+    empty = [p for p in POSITIONS if p not in {x.position for x in scene.shapes}]
+    if empty:
+        p = empty[int(rng.integers(len(empty)))]
+        options.append((f"What is at the {p}?", f"Nothing, the {p} is empty."))
+    k = int(rng.integers(1, 3))
+    picks = rng.choice(len(options), size=k, replace=False)
+    return [options[i] for i in sorted(picks.tolist())]
+
+
+def generate_records(num_samples: int, seed: int, *, multi_turn_fraction: float = 0.25,
+                     text_only_fraction: float = 0.03) -> Iterator[tuple[dict[str, Any], SceneSpec | None]]:
+    """LLaVA-format records (image path ``images/{id}.png``) and their scenes, deterministically."""
+    rng = np.random.default_rng(seed)
+    for i in range(num_samples):
+        sid = f"demo-{i:06d}"
+        u = float(rng.random())
+        if u < text_only_fraction:
+            q, a = TEXT_ONLY[int(rng.integers(len(TEXT_ONLY)))]
+            yield {"id": sid, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}, None
+            continue
+        scene = sample_scene(rng)
+        prompt = DETAIL_PROMPTS[int(rng.integers(len(DETAIL_PROMPTS)))]
+        first = f"<image>\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n<image>"
+        convs = [{"from": "human", "value": first}, {"from": "gpt", "value": caption(scene)}]
+        if u < text_only_fraction + multi_turn_fraction:
+            for q, a in follow_up_rounds(scene, rng):
+                convs += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+        yield {"id": sid, "image": f"images/{sid}.png", "conversations": convs}, scene
+
+
+def write_demo_source(out_dir: str | os.PathLike[str], *, num_samples: int, seed: int,
+                      render_size: int = 64) -> tuple[str, str]:
+    """Write ``demo.json`` (LLaVA format) and ``images/*.png``; return (json path, image folder)."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for record, scene in generate_records(num_samples, seed):
+        if scene is not None:
+            render(scene, render_size).save(out / record["image"], format="PNG", optimize=False)
+        records.append(record)
+    path = out / "demo.json"
+    path.write_text(json.dumps(records, indent=0))
+    return str(path), str(out)
+
+
+def tokenizer_corpus(records: list[dict[str, Any]]) -> list[str]:
+    # The template text occurs in every sample: weight it so BPE learns its words as single pieces.
+    lines = [VICUNA_SYSTEM, LLAMA3_SYSTEM, "USER: ASSISTANT:", "You are a helpful assistant."] * max(1, len(records) // 10)
+    for r in records:
+        lines += [t["value"].replace("<image>", "").strip() for t in r["conversations"]]
+    return lines
+
+
+def train_demo_tokenizer(records: list[dict[str, Any]], model_path: str | os.PathLike[str], *,
+                         vocab_size: int = 640) -> str:
+    """A small BPE SentencePiece model with byte fallback (so any text encodes), deterministic."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tokenizer_corpus(records)),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        hard_vocab_limit=False,  # the corpus is tiny; take what it supports
+        character_coverage=1.0,
+        # Keep "\n" and spaces exactly: the templates rely on them.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        num_threads=1,  # deterministic merges
+        minloglevel=2,
+    )
+    Path(model_path).write_bytes(buf.getvalue())
+    return str(model_path)
+
+
+_CAPTION_WORDS = (
+    "the a an of on in with and near behind under large small bright dark red green blue yellow white black "
+    "gray wooden metal glass table chair window door street car tree sky cloud person dog cat building road "
+    "light shadow wall floor plate cup book picture sign grass water river boat bridge mountain field"
+).split()
+
+
+def write_photo_like_source(out_dir: str | os.PathLike[str], *, num_samples: int, seed: int = 0,
+                            width: int = 640, height: int = 480, caption_words: int = 150,
+                            quality: int = 90) -> tuple[str, str]:
+    """A LLaVA-format set of real-size JPEGs (smooth colour fields + sensor-like noise, ~60-120 KB at
+    640x480) with ~``caption_words``-word detailed captions, for benchmarks at realistic cost.
+    Returns (json path, image folder)."""
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(num_samples):
+        coarse = Image.fromarray((rng.random((height // 32, width // 32, 3)) * 255).astype(np.uint8))
+        arr = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC)).astype(np.int16)
+        arr = np.clip(arr + rng.integers(-12, 13, size=arr.shape, dtype=np.int16), 0, 255).astype(np.uint8)
+        name = f"images/{i:06d}.jpg"
+        Image.fromarray(arr).save(out / name, format="JPEG", quality=quality)
+        words = rng.choice(_CAPTION_WORDS, size=caption_words)
+        text = " ".join(words.tolist()).capitalize() + "."
+        records.append({"id": f"photo-{i:06d}", "image": name, "conversations": [
+            {"from": "human", "value": "<image>\n" + DETAIL_PROMPTS[i % len(DETAIL_PROMPTS)]},
+            {"from": "gpt", "value": text}]})
+    path = out / "photo.json"
+    path.write_text(json.dumps(records))
+    return str(path), str(out)
+
+
+@dataclass(kw_only=True)
+class DemoDataset:
+    prefix: str  # pass as --data-path
+    meta: dict[str, Any]  # the sidecar
+    tokenizer_type: str
+    tokenizer_model: str
+    source_json: str
+    image_folder: str
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # several ranks may call ensure_demo_dataset at once
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_demo_dataset(
+    out_dir: str | os.PathLike[str],
+    *,
+    image_size: int = 32,
+    num_samples: int = 2000,
+    seed: int = 1234,
+    template: str = "vicuna_v1",
+    seq_length: int | None = 256,
+    num_image_tokens: int = 16,
+    image_transform: str = "pad",
+    render_size: int = 64,
+) -> DemoDataset:
+    """Get (or build, in a few seconds) the demo dataset cached under ``out_dir``.
+
+    The cache key covers every argument, so different settings live side by side in
+    ``out_dir/demo-<key>/``; a folder without a finished sidecar is rebuilt.
+    """
+    from megatron_croc.data.indexed import meta_path, read_meta
+    from megatron_croc.data.preprocess import PreprocessConfig, run_preprocess
+
+    params = {
+        "version": DEMO_VERSION, "image_size": image_size, "num_samples": num_samples, "seed": seed,
+        "template": template, "seq_length": seq_length, "num_image_tokens": num_image_tokens,
+        "image_transform": image_transform, "render_size": render_size,
+    }
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(out_dir)
+    folder = root / f"demo-{key}"
+    prefix = str(folder / "demo")
+    with _locked(root / f".demo-{key}.lock"):
+        if not os.path.exists(meta_path(prefix)):
+            if folder.exists():
+                shutil.rmtree(folder)  # an interrupted build
+            source_json, image_folder = write_demo_source(folder / "source", num_samples=num_samples, seed=seed,
+                                                          render_size=render_size)
+            records = json.loads(Path(source_json).read_text())
+            tok = train_demo_tokenizer(records, folder / "tokenizer.model")
+            run_preprocess(
+                PreprocessConfig(
+                    inputs=[source_json], image_folder=image_folder, output_prefix=prefix,
+                    tokenizer_type="SentencePieceTokenizer", tokenizer_model=tok, template=template,
+                    image_size=image_size, image_transform=image_transform, seq_length=seq_length,
+                    num_image_tokens=num_image_tokens, workers=1, progress_bar=False,
+                ),
+                log=lambda _msg: None,
+            )
+            (folder / "demo_params.json").write_text(json.dumps(params, indent=1))
+    meta = read_meta(prefix)
+    return DemoDataset(
+        prefix=prefix, meta=meta, tokenizer_type="SentencePieceTokenizer",
+        tokenizer_model=str(folder / "tokenizer.model"), source_json=str(folder / "source" / "demo.json"),
+        image_folder=str(folder / "source"),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        description="Build (or find in the cache) the demo dataset and print its prefix and tokenizer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--output-dir", default="demo_data", help="cache folder; each setting gets demo-<key>/ inside")
+    p.add_argument("--image-size", type=int, default=32, help="stored image resolution (the tiny model's)")
+    p.add_argument("--num-samples", type=int, default=2000, help="number of records to generate")
+    p.add_argument("--seed", type=int, default=1234, help="everything is deterministic from it")
+    p.add_argument("--template", default="vicuna_v1", help="conversation template")
+    p.add_argument("--seq-length", type=int, default=256, help="skip samples longer than this (none are)")
+    p.add_argument("--num-image-tokens", type=int, default=16, help="visual tokens per image in the model")
+    a = p.parse_args(argv)
+    demo = ensure_demo_dataset(a.output_dir, image_size=a.image_size, num_samples=a.num_samples, seed=a.seed,
+                               template=a.template, seq_length=a.seq_length, num_image_tokens=a.num_image_tokens)
+    print(json.dumps({k: v for k, v in asdict(demo).items() if k != "meta"}, indent=1))
+    print(json.dumps(demo.meta["counts"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
