@@ -163,8 +163,12 @@ def _compiled_create_block_mask():
 
 @functools.cache
 def _compiled_flex_attention():
+    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
+    # Every (shape, variant, dtype, GQA) is a graph of its own; past dynamo's default of 8 it
+    # would silently fall back to eager FlexAttention, which is dense and slow.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -56,23 +56,17 @@ class TrainConfig:
 
 
 def _data_path(values: Sequence[str] | None, flag: str) -> tuple[tuple[float, str], ...]:
-    """Megatron's ``--data-path [w1] prefix1 [w2 prefix2 ...]``."""
+    """Megatron's ``--data-path [w1] prefix1 [w2 prefix2 ...]``, parsed by the data package;
+    prefixes without weights are blended equally."""
+    from megatron_croc.data.dataset import parse_data_path
+
     if not values:
         return ()
-    if len(values) == 1:
-        return ((1.0, values[0]),)
-    if len(values) % 2:
-        raise ConfigError(f"{flag} takes one prefix, or pairs 'weight prefix'; got {len(values)} values")
-    pairs = []
-    for weight, prefix in zip(values[::2], values[1::2]):
-        try:
-            w = float(weight)
-        except ValueError:
-            raise ConfigError(f"{flag}: {weight!r} is not a weight; use 'w1 prefix1 w2 prefix2 ...'") from None
-        if w <= 0:
-            raise ConfigError(f"{flag}: weight {w} for {prefix} must be positive")
-        pairs.append((w, prefix))
-    return tuple(pairs)
+    try:
+        pairs = parse_data_path(list(values))
+    except ValueError as err:
+        raise ConfigError(f"{flag}: {err}") from None
+    return tuple((1.0 if w is None else float(w), p) for w, p in pairs)
 
 
 def build_parser() -> argparse.ArgumentParser:

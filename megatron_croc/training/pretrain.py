@@ -247,6 +247,7 @@ def train(config: TrainConfig) -> dict[str, object]:
                                 global_batch_size=config.global_batch_size)
 
     iteration, consumed = 0, 0
+    carried_state: dict = {}
     if config.checkpoint.load:
         common = load_checkpoint(
             config.checkpoint.load, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler,
@@ -254,6 +255,9 @@ def train(config: TrainConfig) -> dict[str, object]:
             no_load_rng=config.checkpoint.no_load_rng,
         )
         iteration = int(common["iteration"])
+        # what tools/convert_checkpoint.py recorded (the HF source), so exports need no flags
+        if "hf_conversion" in common:
+            carried_state["hf_conversion"] = common["hf_conversion"]
         consumed = int(common.get("data", {}).get("consumed_samples", 0))
         _rank0_print(f"loaded {config.checkpoint.load} at iteration {iteration} "
                      f"(optimizer state: {'yes' if common['loaded_optimizer'] else 'no, fresh'}; "
@@ -341,7 +345,7 @@ def train(config: TrainConfig) -> dict[str, object]:
             last_saved = save_checkpoint(
                 config.checkpoint.save, iteration, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler,
                 extra_state={"data": {"consumed_samples": train_iters[0].consumed_samples},
-                             "croc_stage": model_config.croc.stage},
+                             "croc_stage": model_config.croc.stage, **carried_state},
                 keep_last=config.checkpoint.keep_last,
             )
         if config.exit_after_iteration is not None and iteration >= config.exit_after_iteration:

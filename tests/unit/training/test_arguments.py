@@ -1,0 +1,56 @@
+"""Megatron-style flags become typed configs; impossible combinations fail at argument time."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_croc.config import ConfigError
+from megatron_croc.training.arguments import parse_args
+
+
+def test_embedded_default_is_the_tiny_demo():
+    config = parse_args([])
+    assert config.data.demo and config.model.language.num_layers == 2
+    assert config.model.croc.stage == "croc" and config.train_iters == 300
+    assert config.global_batch_size % config.micro_batch_size == 0
+
+
+def test_flags_reach_the_configs():
+    config = parse_args(
+        ["--data-path", "0.3", "a", "0.7", "b", "--model", "vicuna-7b", "--train-iters", "10",
+         "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--croc-stage", "instruct",
+         "--croc-matcher", "nearest", "--croc-attention", "prefix", "--projector-lr", "1e-4", "--pool-lr", "3e-4",
+         "--lr", "2e-5", "--min-lr", "1e-6", "--bf16", "--use-distributed-optimizer", "--global-batch-size", "32",
+         "--micro-batch-size", "2", "--seq-length", "4096"],
+        world_size=8,
+    )
+    assert config.data.data_path == ((0.3, "a"), (0.7, "b"))
+    equal = parse_args(["--data-path", "a", "b", "--train-iters", "1"])
+    assert equal.data.data_path == ((1.0, "a"), (1.0, "b"))
+    assert config.model.parallel.tensor_model_parallel_size == 2
+    assert config.model.croc.stage == "instruct" and config.model.croc.attention_variant == "causal"
+    assert config.model.croc.matcher == "nearest" and config.model.precision.bf16
+    assert config.optim.projector_lr == 1e-4 and config.optim.pool_lr == 3e-4
+    assert config.optim.use_distributed_optimizer and config.data.seq_length == 4096
+
+
+@pytest.mark.parametrize("argv,world,message", [
+    (["--data-path", "a"], 1, "--train-iters is required"),
+    (["--train-iters", "1", "--data-path", "x", "a", "1", "b"], 1, "pairs 'weight prefix"),
+    (["--train-iters", "1", "--data-path", "-1", "a", "1", "b"], 1, "must be positive"),
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "multiple of --micro-batch-size"),
+    (["--tensor-model-parallel-size", "2"], 3, "cannot be split"),
+    (["--model", "vicuna-7b"], 1, "embedded demo"),
+    (["--save-interval", "5"], 1, "--save-interval needs --save"),
+    (["--lr", "1e-4", "--min-lr", "1e-3"], 1, "larger than --lr"),
+])
+def test_bad_flags_give_clear_errors(argv, world, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv, world_size=world)
+
+
+def test_main_reports_config_errors_without_a_traceback(capsys):
+    from megatron_croc.training.pretrain import main
+
+    assert main(["--global-batch-size", "6", "--micro-batch-size", "4"]) == 2
+    assert "error: --global-batch-size 6" in capsys.readouterr().err
