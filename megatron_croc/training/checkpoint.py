@@ -104,6 +104,67 @@ def _model_sharded_state_dict(model_chunks: list) -> dict[str, Any]:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
+def _distributed_optimizers(optimizer) -> list:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o for o in chained if isinstance(o, DistributedOptimizer)]
+
+
+def _prepare_torch_adam_for_load(optimizer) -> None:
+    """Work around megatron-core 0.19 bugs of DistributedOptimizer with torch's AdamW (the
+    fallback without apex/TE, i.e. every CPU run and GPU machines without TE), measured:
+
+    - before the first step the torch optimizer has no state, and DistributedOptimizer's
+      state_dict() asserts on the missing 'step' while building the load request: create the
+      state AdamW would create (step 0, zero moments); the load overwrites it;
+    - ``_set_main_param_and_optimizer_states`` copies every state tensor, 'step' included, from
+      a dict without 'step' (KeyError), and into fp32 main params that are leaves requiring
+      grad (in-place error): copy only what the checkpoint has, without autograd.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for dist_opt in _distributed_optimizers(optimizer):
+        inner = dist_opt.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state.get(param):
+                    inner.state[param] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    }
+        dist_opt._set_main_param_and_optimizer_states = _set_main_param_and_states.__get__(dist_opt)
+
+
+def _unshare_torch_adam_steps(optimizer) -> None:
+    """Third bug of the same path: DistributedOptimizer.load_state_dict gives every parameter
+    the *same* 'step' tensor, which torch's AdamW then increments once per parameter per step
+    (wrong bias correction from the first step after a resume). Give each its own copy."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for dist_opt in _distributed_optimizers(optimizer):
+        for state in dist_opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def _set_main_param_and_states(self, model_param, tensors) -> None:
+    group_index, group_order = self.model_param_group_index_map[model_param]
+    main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+    destinations = {"param": main_param, **{k: v for k, v in self.optimizer.state[main_param].items()
+                                            if isinstance(v, torch.Tensor)}}
+    with torch.no_grad():
+        for key, dst in destinations.items():
+            src = tensors.get(key)
+            if isinstance(src, torch.Tensor):
+                dst.copy_(src)
+
+
 def _optimizer_sharded_state_dict(optimizer, model_sd: dict[str, Any], *, is_loading: bool):
     # "fully_reshardable": the only sharding of DistributedOptimizer state that measured to
     # save and load across TP/PP/DP changes (MEGATRON_CPU_NOTES.md).
@@ -252,6 +313,7 @@ def load_checkpoint(
     request: dict[str, Any] = dict(model_sd)
     load_optim = resumable and not no_load_optim and optimizer is not None
     if load_optim:
+        _prepare_torch_adam_for_load(optimizer)
         request["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
     load_rng = resumable and not no_load_rng and same_layout
     if load_rng:
@@ -271,6 +333,7 @@ def load_checkpoint(
             raise KeyError(f"{ckpt}: no values for {wrong[:5]}")
     if load_optim:
         optimizer.load_state_dict(state["optimizer"])
+        _unshare_torch_adam_steps(optimizer)
         if scheduler is not None:
             scheduler.load_state_dict(common["scheduler"])
     if load_rng:

@@ -232,3 +232,16 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(demo_prefix, tmp_path):
     (iterations,) = run_distributed(_crash_during_save_worker, 1, argv=_args(demo_prefix, "--train-iters", "5"),
                                     save=save)
     assert iterations == [3, 4, 5]  # resumed after the last complete checkpoint
+
+
+@pytest.mark.parametrize("resume_layout", [[], ["--tensor-model-parallel-size", "2"]], ids=["same-dp2", "as-tp2"])
+def test_distributed_optimizer_resume(demo_prefix, init_ckpt, reference, tmp_path, resume_layout):
+    """DP=2 with the distributed optimizer, killed after 4 steps, resumed at the same layout or
+    resharded to TP=2: the curve continues as if uninterrupted (optimizer moments and Adam's
+    step count restored; see checkpoint._prepare_torch_adam_for_load)."""
+    save = str(tmp_path / "ckpt")
+    distopt = ["--use-distributed-optimizer"]
+    first = _run(2, _args(demo_prefix, "--load", init_ckpt, *distopt, "--save", save, "--save-interval", "4",
+                          "--exit-after-iteration", "4"))
+    second = _run(2, _args(demo_prefix, "--load", save, *distopt, *resume_layout))
+    _assert_close(first + second, reference)
