@@ -64,7 +64,6 @@ def init_distributed(config: TrainConfig, platform: Platform) -> None:
 def build_model_chunks(model_config: ModelConfig, platform: Platform) -> list:
     """One CrocModel per virtual pipeline stage held by this rank, wrapped for bf16 and DDP."""
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
     from megatron_croc.models.croc import CrocModel

@@ -43,7 +43,7 @@ def _step(model, config, batch, build_attention_layout, croc_loss, full_tensors,
 
 def _worker(rank, world_size, attention):
     from megatron_croc.config import CrocConfig, ParallelConfig, model_preset
-    from megatron_croc.models.parallel_plan import full_tensors, load_full_state
+    from megatron_croc.models.parallel_plan import load_full_state
     from megatron_croc.testing import init_distributed, synthetic_batch
     from megatron.core import parallel_state
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from megatron_croc.models.attention import AttentionLayout, attention, build_attention_layout
+from megatron_croc.models.attention import attention, build_attention_layout
 from megatron_croc.testing import synthetic_batch
 
 T = 4  # visual tokens per image in these tests
