@@ -50,7 +50,6 @@ class TrainConfig:
     seed: int = 1234
     tensorboard_dir: str | None = None
     max_skipped_steps: int = 10  # consecutive non-finite steps before giving up
-    use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     exit_after_iteration: int | None = None  # for tests of kill-and-resume
 
@@ -250,6 +249,6 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
         global_batch_size=gbs, train_iters=train_iters, log_interval=pick("log_interval"),
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, seed=args.seed,
         tensorboard_dir=args.tensorboard_dir, max_skipped_steps=args.max_skipped_steps,
-        use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_grad_reduce=args.overlap_grad_reduce,
         exit_after_iteration=args.exit_after_iteration,
     )

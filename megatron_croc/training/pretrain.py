@@ -92,7 +92,7 @@ def wrap_ddp(chunks: list, config: TrainConfig) -> list:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=config.overlap_grad_reduce,
-        use_distributed_optimizer=config.use_distributed_optimizer,
+        use_distributed_optimizer=config.optim.use_distributed_optimizer,
     )
     return [
         DistributedDataParallel(
