@@ -826,21 +826,12 @@ class _ShardWriter:
 
 
 def _checkpoint_dir(load: Path, iteration: int | None) -> Path:
-    from megatron_croc.training.checkpoint import iteration_dir, read_latest_iteration
+    from megatron_croc.training.checkpoint import resolve_checkpoint_dir
 
-    if (load / ".metadata").exists():
-        return load
-    if iteration is None:
-        iteration = read_latest_iteration(load)
-        if iteration is None:
-            raise ConvertError(
-                f"--load {load}: neither a checkpoint folder (no .metadata) nor a --save/--load root "
-                "(no latest_checkpointed_iteration.txt)"
-            )
-    ckpt = iteration_dir(load, iteration)
-    if not (ckpt / ".metadata").exists():
-        raise ConvertError(f"--load {load}: {ckpt} is missing or incomplete (no .metadata)")
-    return ckpt
+    try:
+        return resolve_checkpoint_dir(load, iteration)
+    except FileNotFoundError as err:
+        raise ConvertError(str(err)) from None
 
 
 def _find_record(load: Path, ckpt: Path) -> tuple[dict | None, Path | None]:

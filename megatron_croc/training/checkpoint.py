@@ -53,6 +53,25 @@ def read_latest_iteration(root: str | os.PathLike) -> int | None:
     return int(text)
 
 
+def resolve_checkpoint_dir(path: str | os.PathLike, iteration: int | None = None) -> Path:
+    """A dist_checkpointing folder: ``path`` itself when it is one (an ``iter_XXXXXXX``), else
+    the latest (or the given) iteration under a ``--save`` root."""
+    path = Path(path)
+    if (path / ".metadata").exists():
+        return path
+    if iteration is None:
+        iteration = read_latest_iteration(path)
+        if iteration is None:
+            raise FileNotFoundError(
+                f"--load {path}: neither a checkpoint folder (no .metadata) nor a --save root (no {LATEST_FILE}). "
+                "Point --load at a folder written by --save or by tools/convert_checkpoint.py."
+            )
+    ckpt = iteration_dir(path, iteration)
+    if not (ckpt / ".metadata").exists():
+        raise FileNotFoundError(f"--load {path}: {ckpt} is missing or incomplete (no .metadata)")
+    return ckpt
+
+
 def _layout() -> dict[str, int]:
     from megatron.core import parallel_state as ps
 
@@ -289,16 +308,7 @@ def load_checkpoint(
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    if iteration is None:
-        iteration = read_latest_iteration(root)
-        if iteration is None:
-            raise FileNotFoundError(
-                f"--load {root}: no {LATEST_FILE} there. Point --load at a folder written by "
-                "--save or by tools/convert_checkpoint.py."
-            )
-    ckpt = iteration_dir(root, iteration)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"--load {root}: {LATEST_FILE} names iteration {iteration}, but {ckpt} is missing")
+    ckpt = resolve_checkpoint_dir(root, iteration)
 
     common = dict(dist_checkpointing.load_common_state_dict(str(ckpt)))
     resumable = "scheduler" in common and common.get("croc_stage") == stage
