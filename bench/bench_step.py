@@ -12,8 +12,13 @@ Rows (full training steps: forward + backward + optimizer, after warm-up; median
 - GPT, megatron local spec: ``get_gpt_layer_local_spec`` unchanged (its unfused
   DotProductAttention), a second baseline;
 - Croc: ``CrocModel`` at stage ``croc`` (CLIP-L/336 frozen encoder, projector, 2048-entry pool,
-  mask ratio 0.75, GPU assignment, mixed attention through FlexAttention, VTR head, LM + 10 VTR
-  loss), through the training package's own forward step (``megatron_croc.training.step``);
+  mask ratio 0.75, Hungarian assignment with the default solver and the look-ahead that solves
+  micro-batch m+1 on the host during micro-batch m, mixed attention through FlexAttention, VTR
+  head, LM + 10 VTR loss), through the training package's own forward step
+  (``megatron_croc.training.step``);
+- the same Croc step with the nearest matcher (an argmin on the device: the step without the
+  assignment's cost; their difference is the assignment's exposed time), and with the
+  look-ahead off (each micro-batch solves its own assignment in its forward);
 - with TransformerEngine: the GPT and Croc steps again on TE specs in bf16 and in FP8.
 
 All models run the same way users' training does: bf16 ``Float16Module``, megatron-core DDP
@@ -65,12 +70,12 @@ PRESETS = {
     "croc-1b": dict(
         language=dict(num_layers=16, hidden_size=2048, num_attention_heads=16, num_query_groups=8,
                       ffn_hidden_size=5632, vocab_size=32000, max_position_embeddings=4096),
-        vision="clip-l-336", pool_size=2048, seq_length=2048, micro_batch_size=4,
+        vision="clip-l-336", pool_size=2048, seq_length=2048, micro_batch_size=4, num_microbatches=4,
         prompt=35, question=12, warmup=3, iters=10, matmul_n=8192,
     ),
     # the CPU smoke size: 2 layers, h64, 16 visual tokens per image
     "tiny": dict(
-        language="tiny", vision="tiny", pool_size=64, seq_length=64, micro_batch_size=2,
+        language="tiny", vision="tiny", pool_size=64, seq_length=64, micro_batch_size=2, num_microbatches=2,
         prompt=4, question=4, warmup=2, iters=2, matmul_n=256,
     ),
 }
@@ -185,11 +190,11 @@ def gpt_forward_step(device):
     return forward_step
 
 
-def croc_forward_step(model_config, device):
+def croc_forward_step(model_config, device, num_microbatches):
     from megatron_croc.training.step import StepStats, make_forward_step
 
     stats = StepStats()
-    step = make_forward_step(model_config, device, stats)
+    step = make_forward_step(model_config, device, stats, num_microbatches=num_microbatches)
 
     def forward_step(data_iterator, model):
         stats.reset()
@@ -428,7 +433,7 @@ def run_row(name, *, kind, model_config, args, batch, device, use_te, spec="ours
         num_images = 0
     else:
         chunk = build_croc(model_config, use_te=use_te)
-        forward_step = croc_forward_step(model_config, device)
+        forward_step = croc_forward_step(model_config, device, args.num_microbatches)
         num_images = batch["images"].shape[0] * args.num_microbatches
     ddp = wrap_for_training(chunk, model_config, device)
     build_s = time.perf_counter() - t0
@@ -481,6 +486,17 @@ def format_report(result: dict) -> str:
         lines.append(f"Croc / GPT tokens/s: {ratio:.3f} (target >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'}); "
                      f"GPT step at {100 * base['model_tflops'] / matmul:.1f}% of the matmul rate (target >= 40%); "
                      f"Croc LLM-only TFLOP/s {croc['llm_tflops']:.1f}")
+    nearest = next((r for r in rows if r["name"] == CROC_NEAREST and "error" not in r), None)
+    serial = next((r for r in rows if r["name"] == CROC_NO_LOOKAHEAD and "error" not in r), None)
+    if croc and nearest:
+        exposed = croc["step_s"] - nearest["step_s"]
+        lines.append(f"assignment exposed in the step (Croc step - same step with the nearest matcher): "
+                     f"{exposed * 1e3:.1f} ms = {100 * exposed / croc['step_s']:.1f}% of the step "
+                     f"(target <= 2%; look-ahead {'on' if result['lookahead'] else 'off'})")
+    if croc and serial:
+        saved = serial["step_s"] - croc["step_s"]
+        lines.append(f"look-ahead: step {croc['step_s'] * 1e3:.1f} ms vs {serial['step_s'] * 1e3:.1f} ms "
+                     f"without ({100 * saved / serial['step_s']:.1f}% saved)")
     if croc and "components" in croc:
         c = croc["components"]
         per_mb = croc["step_s"] * 1e3 / result["num_microbatches"]
@@ -494,7 +510,8 @@ def format_report(result: dict) -> str:
             lines.append(f"{label:<62} {ms:>9.3f} {share}  {target}")
 
         comp("vision encoder fwd (frozen) + projector fwd+bwd", c["vision_ms"])
-        comp(f"assignment in the step: cdist + solve ({c['step_solver']}) + replace", c["pool_forward_ms"], "<= 2%")
+        comp(f"assignment, solved in the forward: cdist + solve ({c['step_solver']}) + replace",
+             c["pool_forward_ms"])
         for solver in ("gpu", "scipy"):
             if f"{solver}_ms" in c:
                 comp(f"  assign(solver={solver!r}) alone", c[f"{solver}_ms"])
@@ -523,6 +540,8 @@ def format_report(result: dict) -> str:
 BASELINE = "GPT, our spec (SDPA flash causal)"
 CROC = "Croc stage step (mixed attention)"
 CROC_SHORT = "Croc step"
+CROC_NEAREST = "Croc step, nearest matcher (no host solve)"
+CROC_NO_LOOKAHEAD = "Croc step, assignment look-ahead off"
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -533,7 +552,9 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--seq-length", type=int, default=None)
     p.add_argument("--micro-batch-size", type=int, default=None)
-    p.add_argument("--num-microbatches", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--num-microbatches", type=int, default=None,
+                   help="micro-batches per optimizer step (preset default: 4; the assignment look-ahead "
+                        "overlaps micro-batch m+1's solve with micro-batch m)")
     p.add_argument("--samples-per-row", type=int, default=1, help=">1 packs samples (each with an image)")
     p.add_argument("--num-layers", type=int, default=None, help="override the LLM depth")
     p.add_argument("--pool-size", type=int, default=None)
@@ -552,7 +573,7 @@ def parse_args(argv: Sequence[str] | None):
     args.preset = args.preset or ("tiny" if args.tiny else "croc-1b")
     args.tiny = args.tiny or args.preset == "tiny"
     preset = PRESETS[args.preset]
-    for name in ("seq_length", "micro_batch_size", "warmup", "iters"):
+    for name in ("seq_length", "micro_batch_size", "num_microbatches", "warmup", "iters"):
         if getattr(args, name) is None:
             setattr(args, name, preset[name])
     args.warmup = max(1, args.warmup)
@@ -583,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     start = time.perf_counter()
     device = _init(args)
     from megatron_croc.config import PrecisionConfig, validate
+    from megatron_croc.models.matching import resolve_solver
     from megatron_croc.platform import apex_available, te_available
 
     config = build_model_config(args)
@@ -603,6 +625,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "device": device_name(device), "torch": torch.__version__, "dtype": args.dtype, "preset": args.preset,
         "num_layers": lm.num_layers, "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
         "num_microbatches": args.num_microbatches, "num_images": num_images,
+        "lookahead": config.croc.assignment_lookahead,
         "llm_params": llm_params(config), "rows": [], "skipped": [],
     }
     n = PRESETS[args.preset]["matmul_n"]
@@ -614,7 +637,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         dict(name=BASELINE, kind="gpt", spec="ours", model_config=config, use_te=False),
         dict(name=CROC, kind="croc", model_config=config, use_te=False, components=True),
     ]
-    optional = []
+    # The assignment's cost inside the step: the same step with the nearest matcher (an argmin
+    # on the device, no host solve) is the step without it; and the step without the look-ahead
+    # shows what overlapping the host solve with the previous micro-batch saves.
+    optional = [
+        dict(name=CROC_NEAREST, kind="croc", model_config=config.replace(
+            croc=dataclasses.replace(config.croc, matcher="nearest")), use_te=False),
+        dict(name=CROC_NO_LOOKAHEAD, kind="croc", model_config=config.replace(
+            croc=dataclasses.replace(config.croc, assignment_lookahead=False)), use_te=False),
+    ]
     if not args.skip_local:
         optional.append(dict(name="GPT, megatron local spec (unfused attention)", kind="gpt", spec="local",
                              model_config=config, use_te=False))
@@ -650,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             traceback.print_exc()
             result["rows"].append({"name": item["name"], "error": f"{type(err).__name__}: {err}"})
             free(device)
-            if item["name"] == CROC and config.croc.assignment_solver != "scipy":
+            if item["name"] == CROC and resolve_solver(config.croc.assignment_solver) != "scipy":
                 # still measure the rest of the Croc step if the GPU assignment solver is at fault
                 scipy_config = config.replace(croc=dataclasses.replace(config.croc, assignment_solver="scipy"))
                 queue.insert(i + 1, dict(item, name=f"{CROC_SHORT}, scipy solver (retry)", model_config=scipy_config))

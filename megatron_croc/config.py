@@ -80,8 +80,12 @@ class CrocConfig:
     pool_size: int = 2048
     mask_ratio: float = 0.75
     matcher: Matcher = "hungarian"
-    # "auto": the batched GPU solver on CUDA, scipy (all samples concurrently) on the CPU.
+    # "auto": scipy, all samples of a micro-batch concurrently, until the batched GPU solver
+    # ("gpu") is measured faster (models.matching.resolve_solver).
     assignment_solver: Literal["auto", "scipy", "gpu"] = "auto"
+    # Solve micro-batch m+1's assignment on the host while the device computes micro-batch m
+    # (within one optimizer step; training.step). Same result, the solve off the critical path.
+    assignment_lookahead: bool = True
     # Only meaningful in the comprehension stage; align/instruct are causal (SPEC §1.5).
     attention: Literal["visual", "prefix"] = "visual"
     vtr_weight: float = 10.0

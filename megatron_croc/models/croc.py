@@ -33,8 +33,20 @@ from megatron_croc.config import (
 )
 from megatron_croc.models import specs
 from megatron_croc.models.attention import AttentionLayout
+from megatron_croc.models.matching import PendingAssignment, assign_async, resolve_solver
 from megatron_croc.models.prompt_pool import PromptPool, draw_masks
 from megatron_croc.models.vision import VisionTower
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisualPrefetch:
+    """A micro-batch's vision work started ahead of its forward (:meth:`CrocModel.prefetch_visual`):
+    the frozen encoder's features, the pool masks, and the assignment being solved."""
+
+    images: torch.Tensor  # the micro-batch's images, to check that forward gets the same ones
+    features: torch.Tensor
+    masks: torch.Tensor
+    assignment: PendingAssignment
 
 
 @dataclass(kw_only=True)
@@ -175,12 +187,14 @@ class CrocModel(MegatronModule):
         labels: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
         image_keys: torch.Tensor | None = None,
+        visual_prefetch: VisualPrefetch | None = None,
     ):
         """One micro-batch.
 
         tokens/position_ids/labels/visual_mask: [B, S]; images: uint8 [N, 3, H, W] (first
         stage), one per visual span in row-major order; image_keys: int64 [N], the images'
-        unique positions in the training stream (seeds their pool masks).
+        unique positions in the training stream (seeds their pool masks); visual_prefetch:
+        what :meth:`prefetch_visual` started for these images, if it was called.
 
         Returns the hidden states for the next stage, or on the last stage CrocOutputs (with
         labels) or logits [B, S, V] (without).
@@ -189,7 +203,8 @@ class CrocModel(MegatronModule):
         targets = None
         decoder_input = None
         if self.pre_process:
-            decoder_input, targets = self._embed(tokens, position_ids, visual_mask, images, image_keys)
+            decoder_input, targets = self._embed(tokens, position_ids, visual_mask, images, image_keys,
+                                                 visual_prefetch)
         elif self.carries_targets:
             targets = self._passthrough
 
@@ -249,7 +264,41 @@ class CrocModel(MegatronModule):
             num_masked=self.num_masked, device=device,
         )
 
-    def _embed(self, tokens, position_ids, visual_mask, images, image_keys):
+    @property
+    def prefetches_visual(self) -> bool:
+        """Whether :meth:`prefetch_visual` saves time: this chunk runs the vision tower and the
+        pool, the encoder is frozen (its features computed ahead are the ones the forward would
+        compute, no work is repeated), and the assignment is solved on the host (scipy), where
+        solving ahead takes the solve and its device sync off the GPU's critical path."""
+        return (
+            self.pool is not None and self.vision.frozen and self.croc.matcher == "hungarian"
+            and resolve_solver(self.croc.assignment_solver) == "scipy"
+        )
+
+    def prefetch_visual(self, images: torch.Tensor, image_keys: torch.Tensor) -> VisualPrefetch | None:
+        """Start a micro-batch's vision work ahead of its forward: queue the frozen encoder,
+        the projector and the assignment costs on the device, and solve the assignment on the
+        solver threads while the device goes on with other work (the previous micro-batch).
+
+        Only valid while the projector and the pool keep their values until the forward that
+        uses the result (within one optimizer step): the costs are computed from them now.
+        Returns None for a micro-batch without images.
+        """
+        if not self.prefetches_visual:
+            raise RuntimeError("prefetch_visual needs the pool, a frozen encoder and the scipy solver "
+                               "on this model chunk (see prefetches_visual)")
+        if images is None or images.shape[0] == 0:
+            return None
+        with torch.no_grad():
+            features = self.vision.encode(images)
+            masks = self._draw_masks(image_keys, images.device)
+            # The forward projects the same features with the same weights: the same tokens,
+            # so the same costs and the same optimal assignment as if solved there.
+            cost = self.pool.cost(self.vision.project(features), masks)
+        pending = assign_async(cost, method=self.croc.matcher, solver=self.croc.assignment_solver)
+        return VisualPrefetch(images=images, features=features, masks=masks, assignment=pending)
+
+    def _embed(self, tokens, position_ids, visual_mask, images, image_keys, prefetch):
         """Text embeddings with the (replaced) visual tokens spliced in at the visual positions.
         Returns decoder input [S(/tp), B, H] and, when the VTR head needs them, the targets."""
         embeddings = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)
@@ -257,12 +306,20 @@ class CrocModel(MegatronModule):
         targets = None
         hidden = embeddings.shape[-1]
         if images is not None and images.shape[0] > 0:
-            visual = self.vision(images)  # [N, T, H], unit norm
+            assignment = None
+            if prefetch is not None:
+                if prefetch.images is not images:
+                    raise ValueError("visual_prefetch was made for other images than this micro-batch's")
+                visual = self.vision.project(prefetch.features)
+                masks, assignment = prefetch.masks, prefetch.assignment.result()
+            else:
+                visual = self.vision(images)  # [N, T, H], unit norm
+                masks = self._draw_masks(image_keys, visual.device) if self.pool is not None else None
             if self.pool is not None:
                 targets = visual.detach()
-                masks = self._draw_masks(image_keys, visual.device)
                 visual, _ = self.pool(
-                    visual, masks, matcher=self.croc.matcher, solver=self.croc.assignment_solver
+                    visual, masks, matcher=self.croc.matcher, solver=self.croc.assignment_solver,
+                    assignment=assignment,
                 )
             embeddings = embeddings.masked_scatter(
                 visual_mask.unsqueeze(-1), visual.to(embeddings.dtype).reshape(-1, hidden)

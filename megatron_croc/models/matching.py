@@ -20,6 +20,11 @@ Two LSAP solvers sit behind ``method="hungarian"``:
 ``solver="auto"`` picks ``scipy`` (run for all samples of the micro-batch concurrently) until
 the batched solver is measured faster on a GPU; ``solver="gpu"`` selects it explicitly.
 
+:func:`assign_async` starts the same solve without waiting for it: on CUDA the costs go to
+pinned host memory with a non-blocking copy, and the solver threads wait on a CUDA event, so
+neither the caller's thread nor the GPU stream stalls. The training step uses it to solve the
+next micro-batch's assignment while the GPU computes the current one (``CrocModel.prefetch_visual``).
+
 How the batched solver works
 ----------------------------
 Costs are mapped to an integer grid so that every comparison is exact:
@@ -62,14 +67,14 @@ import logging
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["assign"]
+__all__ = ["PendingAssignment", "assign", "assign_async", "resolve_solver"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,21 +103,36 @@ def assign(cost: torch.Tensor, *, method: str = "hungarian", solver: str = "auto
         ValueError: wrong rank or dtype, ``N > K``, non-finite costs (naming the first bad
         sample), unknown method or solver.
     """
-    if method not in _METHODS:
-        raise ValueError(f"unknown assignment method {method!r}; expected one of {_METHODS}")
+    return assign_async(cost, method=method, solver=solver).result()
+
+
+def resolve_solver(solver: str) -> str:
+    """The solver ``"auto"`` stands for (``"scipy"`` or ``"gpu"``)."""
     if solver not in _SOLVERS:
         raise ValueError(f"unknown assignment solver {solver!r}; expected one of {_SOLVERS}")
+    # The batched solver is exact but, measured on an H200, still slower than scipy on
+    # 8x432x2048 (kernel-launch bound); until it wins, "auto" is the concurrent scipy path.
+    return "scipy" if solver == "auto" else solver
+
+
+def assign_async(cost: torch.Tensor, *, method: str = "hungarian", solver: str = "auto"
+                 ) -> "PendingAssignment":
+    """:func:`assign` without waiting: returns a :class:`PendingAssignment` at once.
+
+    Only the scipy path runs in the background (on the solver threads, after a non-blocking
+    device-to-host copy); ``"nearest"`` is queued on the costs' device as usual, and the batched
+    solver, which syncs with its device every round, runs before this returns.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"unknown assignment method {method!r}; expected one of {_METHODS}")
+    solver = resolve_solver(solver)
     _validate(cost)
     cost = cost.detach()
     if method == "nearest":
-        return cost.argmin(dim=2)
-    if solver == "auto":
-        # The batched solver is exact but, measured on an H200, still slower than scipy on
-        # 8x432x2048 (kernel-launch bound); until it wins, "auto" is the concurrent scipy path.
-        solver = "scipy"
-    if solver == "scipy":
-        return _scipy_assign(cost)
-    return _gpu_assign(cost)[0]
+        return PendingAssignment(ready=cost.argmin(dim=2))
+    if solver == "gpu":
+        return PendingAssignment(ready=_gpu_assign(cost)[0])
+    return _scipy_assign_async(cost)
 
 
 def _validate(cost: torch.Tensor) -> None:
@@ -164,20 +184,65 @@ def _lsap_columns(matrix: np.ndarray) -> np.ndarray:
     return cols
 
 
-def _scipy_assign(cost: torch.Tensor) -> torch.Tensor:
-    """scipy per sample, all samples concurrently, one device-to-host copy for the batch."""
+class PendingAssignment:
+    """An assignment being solved; :meth:`result` waits for it ([B, N] int64 on the costs'
+    device). Either already computed (``ready``) or one future per sample."""
+
+    def __init__(self, *, ready: torch.Tensor | None = None, futures: list[Future] | None = None,
+                 shape: tuple[int, int] | None = None, device: torch.device | None = None) -> None:
+        self._ready = ready
+        self._futures = futures
+        self._shape = shape
+        self._device = device
+
+    def done(self) -> bool:
+        return self._ready is not None or all(f.done() for f in self._futures)
+
+    def result(self) -> torch.Tensor:
+        if self._ready is None:
+            self._ready = _columns_tensor([f.result() for f in self._futures], self._shape, self._device)
+            self._futures = None
+        return self._ready
+
+
+def _solve_after(ready, matrix: np.ndarray) -> np.ndarray:
+    if ready is not None:
+        ready.synchronize()  # the non-blocking copy into ``matrix`` has landed (releases the GIL)
+    return _lsap_columns(matrix)
+
+
+def _scipy_assign_async(cost: torch.Tensor) -> PendingAssignment:
+    """scipy per sample, all samples concurrently on the solver threads, after one
+    device-to-host copy for the batch."""
     # Copy in the cost's own precision (half the bytes of float64 over PCIe for fp32 costs);
     # scipy converts each matrix to float64 inside its own thread. numpy has no bf16.
     if cost.dtype not in (torch.float32, torch.float64):
         cost = cost.float()
-    host = cost.cpu().numpy()
-    b = host.shape[0]
-    if b <= 1:
-        cols = [_lsap_columns(m) for m in host]
+    b, n, _ = cost.shape
+    ready = None
+    if cost.device.type == "cuda":
+        host = torch.empty(cost.shape, dtype=cost.dtype, pin_memory=True)
+        host.copy_(cost, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
     else:
-        cols = list(_thread_pool().map(_lsap_columns, host))
-    out = np.stack(cols) if cols else np.zeros((0, host.shape[1]), dtype=np.int64)
-    return torch.from_numpy(out.astype(np.int64, copy=False)).to(cost.device)
+        # a CPU cost tensor is computed already; keep a reference, not a copy
+        host = cost if cost.device.type == "cpu" else cost.cpu()
+    matrices = host.numpy()
+    if b <= 1 and ready is None:
+        return PendingAssignment(ready=_columns_tensor([_lsap_columns(m) for m in matrices], (b, n), cost.device))
+    pool = _thread_pool()
+    futures = [pool.submit(_solve_after, ready, matrices[i]) for i in range(b)]
+    # ``host`` stays alive through the futures' references to its rows.
+    return PendingAssignment(futures=futures, shape=(b, n), device=cost.device)
+
+
+def _columns_tensor(cols: list[np.ndarray], shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    out = np.stack(cols) if cols else np.zeros(shape, dtype=np.int64)
+    host = torch.from_numpy(out.astype(np.int64, copy=False))
+    if device.type == "cuda":  # pinned: the copy to the GPU does not stall this thread
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,7 +301,7 @@ def _gpu_assign(cost: torch.Tensor, max_iterations: int | None = None
         logger.warning("batched assignment solver %s for samples %s; re-solving them with scipy",
                        "hit its iteration cap" if not bool(finished.all())
                        else "could not certify optimality", bad)
-        cols[bad] = _scipy_assign(cost[bad])
+        cols[bad] = _scipy_assign_async(cost[bad]).result()
     return cols, stats
 
 

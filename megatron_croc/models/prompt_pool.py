@@ -52,20 +52,28 @@ class PromptPool(MegatronModule):
         # Read by the optimizer's parameter groups: the pool takes no weight decay.
         self.weight.no_weight_decay = True
 
+    def cost(self, visual_tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Euclidean distances [N, n_masked, pool_size] (fp32, no grad) between each image's
+        masked visual tokens and every pool entry: what the assignment minimises."""
+        num_images, _, hidden = visual_tokens.shape
+        with torch.no_grad():
+            selected = visual_tokens[masks].view(num_images, -1, hidden).float()
+            return torch.cdist(selected, self.weight.float().unsqueeze(0).expand(num_images, -1, -1))
+
     def forward(
-        self, visual_tokens: torch.Tensor, masks: torch.Tensor, *, matcher: str, solver: str
+        self, visual_tokens: torch.Tensor, masks: torch.Tensor, *, matcher: str, solver: str,
+        assignment: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Replace the masked visual tokens by their assigned pool entries.
 
-        visual_tokens [N, T, H], masks [N, T] (the same count per row). Returns the replaced
+        visual_tokens [N, T, H], masks [N, T] (the same count per row). ``assignment``, when
+        given, is the solve of :meth:`cost` for these very tokens and masks, done ahead
+        (``CrocModel.prefetch_visual``); otherwise it is solved here. Returns the replaced
         tokens [N, T, H] and the assignment [N, n_masked]. Gradients reach the assigned pool
         rows; the assignment itself is not differentiated.
         """
-        num_images, _, hidden = visual_tokens.shape
-        selected = visual_tokens[masks].view(num_images, -1, hidden)
-        with torch.no_grad():
-            cost = torch.cdist(selected.float(), self.weight.float().unsqueeze(0).expand(num_images, -1, -1))
-            assignment = assign(cost, method=matcher, solver=solver)
+        if assignment is None:
+            assignment = assign(self.cost(visual_tokens, masks), method=matcher, solver=solver)
         replaced = visual_tokens.clone()
         replaced[masks] = self.weight[assignment.reshape(-1)].to(visual_tokens.dtype)
         return replaced, assignment

@@ -53,6 +53,10 @@ class VisionTower(MegatronModule):
                 p.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.project(self.encode(images))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images [N, 3, H, W] -> encoder features [N, T, C] (class token dropped)."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(
                 f"images must be uint8 [N, 3, H, W] RGB, got {images.dtype} {tuple(images.shape)}"
@@ -62,6 +66,8 @@ class VisionTower(MegatronModule):
         # A frozen encoder needs no activations kept for backward.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             features = self.encoder(pixels)  # [N, 1 + T, C]
-        features = features[:, self.encoder.class_token_len :]
-        tokens = self.projector(features)  # [N, T, H]
-        return F.normalize(tokens, dim=-1)
+        return features[:, self.encoder.class_token_len :]
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder features [N, T, C] -> unit-norm visual tokens [N, T, H_llm]."""
+        return F.normalize(self.projector(features), dim=-1)

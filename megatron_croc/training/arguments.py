@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--croc-mask-ratio", type=float, default=0.75)
     g.add_argument("--croc-matcher", choices=["hungarian", "nearest"], default="hungarian")
     g.add_argument("--croc-assignment-solver", choices=["auto", "scipy", "gpu"], default="auto")
+    g.add_argument("--no-croc-assignment-lookahead", dest="croc_assignment_lookahead", action="store_false",
+                   help="solve each micro-batch's assignment in its own forward instead of on the host "
+                        "during the previous micro-batch (same result; for comparison)")
     g.add_argument("--croc-attention", choices=["visual", "prefix"], default="visual")
     g.add_argument("--croc-vtr-weight", type=float, default=10.0)
     g.add_argument("--croc-vtr-positions", choices=["all", "masked"], default="all")
@@ -178,6 +181,7 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
         mask_ratio=args.croc_mask_ratio,
         matcher=args.croc_matcher,
         assignment_solver=args.croc_assignment_solver,
+        assignment_lookahead=args.croc_assignment_lookahead,
         attention=args.croc_attention,
         vtr_weight=args.croc_vtr_weight,
         vtr_loss_positions=args.croc_vtr_positions,

@@ -279,7 +279,7 @@ def train(config: TrainConfig) -> dict[str, object]:
         tc.batch_p2p_comm = False
     forward_backward = get_forward_backward_func()
     stats = StepStats()
-    eval_step = make_forward_step(model_config, platform.device, stats)
+    eval_step = make_forward_step(model_config, platform.device, stats, num_microbatches=num_microbatches)
     logger = TrainingLogger(model_config=model_config, log_interval=config.log_interval, world_size=world,
                             tensorboard_dir=config.tensorboard_dir, is_writer=is_writer)
     inject = set(_inject_nonfinite_iterations())
@@ -297,7 +297,8 @@ def train(config: TrainConfig) -> dict[str, object]:
         for chunk in chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        forward_step = make_forward_step(model_config, platform.device, stats, inject_nonfinite=(iteration + 1) in inject)
+        forward_step = make_forward_step(model_config, platform.device, stats, num_microbatches=num_microbatches,
+                                         inject_nonfinite=(iteration + 1) in inject)
         forward_backward(
             forward_step_func=forward_step,
             data_iterator=train_iters if len(train_iters) > 1 else train_iters[0],

@@ -43,14 +43,58 @@ class StepStats:
         self.losses: list[dict[str, torch.Tensor]] = []
 
 
-def make_forward_step(model_config: ModelConfig, device: torch.device, stats: StepStats,
-                      inject_nonfinite: bool = False):
+class _LookaheadFeed:
+    """One model chunk's micro-batches with the next one's vision work started ahead.
+
+    Micro-batch m+1 is read and its :meth:`CrocModel.prefetch_visual` queued before micro-batch
+    m's forward, so its assignment is solved on the host while the device runs m's forward and
+    backward; only the first micro-batch of a step waits for its own solve. Never across
+    optimizer steps: the costs depend on the projector and the pool, which the step updates.
+    The schedules call the forward step exactly ``num_microbatches`` times per chunk and step,
+    so the position in the step is a counter; the feed reads exactly as many batches as it
+    returns.
+    """
+
+    def __init__(self, num_microbatches: int, device: torch.device) -> None:
+        self.num_microbatches = num_microbatches
+        self.device = device
+        self.position = 0
+        self.ahead: tuple[dict[str, torch.Tensor], Any] | None = None
+
+    def _read(self, data_iterator, model: CrocModel):
+        batch = to_device(next(data_iterator), self.device)
+        return batch, model.prefetch_visual(batch["images"], batch["image_sample_ids"])
+
+    def next(self, data_iterator, model: CrocModel):
+        current = self.ahead if self.ahead is not None else self._read(data_iterator, model)
+        self.ahead = None
+        self.position += 1
+        if self.position < self.num_microbatches:
+            self.ahead = self._read(data_iterator, model)
+        else:
+            self.position = 0
+        return current
+
+
+def make_forward_step(model_config: ModelConfig, device: torch.device, stats: StepStats, *,
+                      num_microbatches: int, inject_nonfinite: bool = False):
     """The ``forward_step_func`` that megatron-core's schedules call once per micro-batch and
-    model chunk. Every stage reads the batch (the layout); only the first stage uses images."""
+    model chunk. Every stage reads the batch (the layout); only the first stage uses images.
+
+    ``num_microbatches`` per call of the schedule (an optimizer step): with
+    ``croc.assignment_lookahead`` the first stage solves the next micro-batch's assignment
+    during the current one, never beyond the step (see :class:`_LookaheadFeed`).
+    """
+    feeds: dict[int, _LookaheadFeed] = {}
 
     def forward_step(data_iterator, model):
-        batch = to_device(next(data_iterator), device)
         croc_model = unwrap(model)
+        prefetch = None
+        if model_config.croc.assignment_lookahead and croc_model.prefetches_visual:
+            feed = feeds.setdefault(id(model), _LookaheadFeed(num_microbatches, device))
+            batch, prefetch = feed.next(data_iterator, croc_model)
+        else:
+            batch = to_device(next(data_iterator), device)
         layout = build_attention_layout(
             model_config.croc.attention_variant, segment_ids=batch["segment_ids"],
             visual_mask=batch["visual_mask"], loss_mask=batch["loss_mask"],
@@ -62,7 +106,7 @@ def make_forward_step(model_config: ModelConfig, device: torch.device, stats: St
             tokens=batch["tokens"], position_ids=batch["position_ids"], layout=layout,
             visual_mask=batch["visual_mask"], labels=batch["labels"],
             images=batch["images"] if croc_model.pre_process else None,
-            image_keys=batch["image_sample_ids"],
+            image_keys=batch["image_sample_ids"], visual_prefetch=prefetch,
         )
         return output, partial(_loss_func, batch["loss_mask"], model_config, stats, inject_nonfinite)
 

@@ -56,6 +56,7 @@ def test_step_benchmark_rows_and_numbers(suite_out):
     assert result["failures"] == 0, log[-4000:]
     rows = {r["name"]: r for r in result["rows"]}
     expected = ["GPT, our spec (SDPA flash causal)", "Croc stage step (mixed attention)",
+                "Croc step, nearest matcher (no host solve)", "Croc step, assignment look-ahead off",
                 "GPT, megatron local spec (unfused attention)"]
     assert list(rows) == expected, log[-4000:]
     for name in expected:
@@ -73,7 +74,9 @@ def test_step_benchmark_rows_and_numbers(suite_out):
     assert parts["attention_backend"] == "sdpa"  # FlexAttention has no CPU backward
     assert parts["scipy_one_to_one"] and parts["scipy_max_rel_cost_diff"] < 1e-9
     assert _finite(result["matmul_tflops"])
-    for line in ("Croc / GPT tokens/s:", "Croc step breakdown", "vision encoder", "assignment in the step",
+    assert result["lookahead"] and result["num_microbatches"] == 2
+    for line in ("Croc / GPT tokens/s:", "Croc step breakdown", "vision encoder", "assignment exposed in the step",
+                 "look-ahead: step", "assignment, solved in the forward",
                  "serial scipy", "attention:", "mixed / causal attention per layer",
                  "FP8: n/a (TransformerEngine not installed)"):
         assert line in log, line
@@ -104,7 +107,7 @@ def test_default_step_preset_is_a_1b_llm_with_clip_l():
     finally:
         sys.path.remove(str(BENCH))
     args = bench_step.parse_args([])
-    assert (args.preset, args.seq_length, args.micro_batch_size) == ("croc-1b", 2048, 4)
+    assert (args.preset, args.seq_length, args.micro_batch_size, args.num_microbatches) == ("croc-1b", 2048, 4, 4)
     config = bench_step.build_model_config(args)
     assert 0.8e9 < bench_step.llm_params(config) < 1.2e9
     assert config.vision.num_image_tokens == 576 and config.croc.pool_size == 2048

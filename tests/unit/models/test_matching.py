@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -240,3 +241,46 @@ def test_unknown_method_or_solver_raise():
         assign(cost, method="greedy")
     with pytest.raises(ValueError, match="unknown assignment solver"):
         assign(cost, solver="lapjv")
+
+
+# -- assign_async: the solve in the background -------------------------------------------------
+
+
+def test_assign_async_returns_before_the_solve_and_gives_the_scipy_optimum(monkeypatch):
+    from megatron_croc.models import matching
+
+    gate = threading.Event()
+    solve = matching._lsap_columns
+
+    def gated(matrix):
+        assert gate.wait(60), "the gate was never opened"
+        return solve(matrix)
+
+    monkeypatch.setattr(matching, "_lsap_columns", gated)
+    cost = torch.rand(3, 6, 11, generator=torch.Generator().manual_seed(5))
+    pending = matching.assign_async(cost, method="hungarian", solver="auto")
+    # The solver threads are held at the gate: assign_async must have returned without solving.
+    assert not pending.done()
+    gate.set()
+    got = pending.result()
+    assert got.dtype == torch.int64 and got.shape == (3, 6)
+    for sample in range(3):
+        rows, cols = linear_sum_assignment(cost[sample].numpy())
+        assert len(set(got[sample].tolist())) == 6
+        assert float(cost[sample, torch.arange(6), got[sample]].sum()) == pytest.approx(
+            float(cost[sample].numpy()[rows, cols].sum()), rel=1e-6)
+    assert pending.done() and pending.result() is got  # solved once, kept
+
+
+def test_assign_async_of_device_side_methods_is_ready_at_once():
+    from megatron_croc.models import matching
+
+    cost = torch.rand(2, 4, 7, generator=torch.Generator().manual_seed(6))
+    nearest = matching.assign_async(cost, method="nearest")
+    assert nearest.done() and torch.equal(nearest.result(), cost.argmin(dim=2))
+    batched = matching.assign_async(cost, method="hungarian", solver="gpu")
+    assert batched.done() and torch.equal(batched.result(), matching.assign(cost, solver="scipy"))
+    with pytest.raises(ValueError, match="unknown assignment solver"):
+        matching.assign_async(cost, solver="lapjv")
+    with pytest.raises(ValueError, match="NaN or Inf in sample index 1"):
+        matching.assign_async(torch.stack([cost[0], cost[1] * float("nan")]))

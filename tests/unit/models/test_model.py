@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -23,7 +25,7 @@ def _batch(config, rows=ROWS, seq_length=48, seed=0):
     )
 
 
-def _run(model, config, batch, *, backward=True):
+def _run(model, config, batch, *, backward=True, visual_prefetch=None):
     layout = build_attention_layout(
         config.croc.attention_variant, segment_ids=batch["segment_ids"],
         visual_mask=batch["visual_mask"], loss_mask=batch["loss_mask"],
@@ -31,7 +33,7 @@ def _run(model, config, batch, *, backward=True):
     out = model(
         tokens=batch["tokens"], position_ids=batch["position_ids"], layout=layout,
         visual_mask=batch["visual_mask"], labels=batch["labels"], images=batch["images"],
-        image_keys=batch["image_keys"],
+        image_keys=batch["image_keys"], visual_prefetch=visual_prefetch,
     )
     loss, parts = croc_loss(out, batch["loss_mask"], config)
     if backward:
@@ -97,6 +99,46 @@ def test_text_only_batch_keeps_every_trainable_parameter_in_the_graph(megatron_w
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, name
+
+
+def test_prefetched_visual_work_gives_the_same_loss_and_gradients(megatron_world):
+    config, model = _model("croc")
+    batch = _batch(config)
+    _, loss, _ = _run(model, config, batch)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    assert model.prefetches_visual
+    prefetch = model.prefetch_visual(batch["images"], batch["image_keys"])
+    _, loss_ahead, _ = _run(model, config, batch, visual_prefetch=prefetch)
+    # the same tokens, costs and assignment: bit-identical, not merely close
+    assert torch.equal(loss_ahead, loss)
+    for name, p in model.named_parameters():
+        if name in grads:
+            assert torch.equal(p.grad, grads[name]), name
+        else:
+            assert p.grad is None, name
+    with pytest.raises(ValueError, match="other images"):
+        _run(model, config, _batch(config, seed=1), visual_prefetch=prefetch, backward=False)
+    assert model.prefetch_visual(batch["images"][:0], batch["image_keys"][:0]) is None
+
+
+@pytest.mark.parametrize("setting", ["nearest", "gpu solver", "align", "unfrozen encoder"])
+def test_visual_prefetch_only_where_it_saves_time(megatron_world, setting):
+    stage, croc = "croc", {}
+    if setting == "nearest":
+        croc = dict(matcher="nearest")
+    elif setting == "gpu solver":
+        croc = dict(assignment_solver="gpu")
+    elif setting == "align":
+        stage = "align"
+    config = model_preset("tiny", croc=CrocConfig(stage=stage, pool_size=64, **croc))
+    if setting == "unfrozen encoder":
+        config = config.replace(vision=dataclasses.replace(config.vision, frozen=False))
+    model = CrocModel(config)
+    assert not model.prefetches_visual
+    batch = _batch(config)
+    with pytest.raises(RuntimeError, match="prefetch_visual needs"):
+        model.prefetch_visual(batch["images"], batch["image_keys"])
 
 
 def test_bad_input_gives_clear_errors(megatron_world):

@@ -32,6 +32,8 @@ def test_flags_reach_the_configs():
     assert config.model.croc.matcher == "nearest" and config.model.precision.bf16
     assert config.optim.projector_lr == 1e-4 and config.optim.pool_lr == 3e-4
     assert config.optim.use_distributed_optimizer and config.data.seq_length == 4096
+    assert config.model.croc.assignment_lookahead
+    assert not parse_args(["--no-croc-assignment-lookahead"]).model.croc.assignment_lookahead
 
 
 @pytest.mark.parametrize("argv,world,message", [
