@@ -23,7 +23,7 @@ SEQ = 48
 
 def make_config(*, bf16: bool = False, solver: str = "scipy"):
     """Tiny Croc stage. The equivalence test pins the scipy solver on both devices (the same
-    exact optimum); the bf16 test runs the GPU solver ("auto" on CUDA)."""
+    exact optimum); the bf16 test runs the batched GPU solver ("gpu")."""
     from megatron_croc.config import CrocConfig, PrecisionConfig, model_preset
 
     return model_preset("tiny", croc=CrocConfig(stage="croc", pool_size=64, assignment_solver=solver),
@@ -39,20 +39,23 @@ def make_batch(config) -> dict[str, torch.Tensor]:
     )
 
 
-def run(model, config, batch, device) -> dict:
-    """Forward + backward of one micro-batch; the losses, per-token LM loss and every grad (CPU)."""
+def run(model, config, batch, device, *, prefetch: bool = False) -> dict:
+    """Forward + backward of one micro-batch; the losses, per-token LM loss and every grad (CPU).
+    With ``prefetch`` the vision work and the assignment are started ahead, as the training
+    step's look-ahead does."""
     from megatron_croc.models.attention import build_attention_layout
     from megatron_croc.models.croc import croc_loss
 
     b = {k: v.to(device) for k, v in batch.items()}
     layout = build_attention_layout(config.croc.attention_variant, segment_ids=b["segment_ids"],
                                     visual_mask=b["visual_mask"], loss_mask=b["loss_mask"])
+    inner = model.module if hasattr(model, "module") else model  # inside Float16Module
+    ahead = inner.prefetch_visual(b["images"], b["image_keys"]) if prefetch else None
     out = model(tokens=b["tokens"], position_ids=b["position_ids"], layout=layout, visual_mask=b["visual_mask"],
-                labels=b["labels"], images=b["images"], image_keys=b["image_keys"])
+                labels=b["labels"], images=b["images"], image_keys=b["image_keys"], visual_prefetch=ahead)
     loss, parts = croc_loss(out, b["loss_mask"], config)
     loss.backward()
     grads = {}
-    inner = model.module if hasattr(model, "module") else model  # inside Float16Module
     for name, p in inner.named_parameters():
         g = getattr(p, "main_grad", None) if p.grad is None else p.grad
         if p.requires_grad and g is not None:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from megatron_croc.models.matching import _gpu_assign, assign
+from megatron_croc.models.matching import _gpu_assign, assign, assign_async
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -68,3 +68,17 @@ def test_gpu_solver_on_ties_and_correlated_rows_on_cuda():
         cols, stats = _gpu_assign(cost)
         _check_optimal(cost, cols)
         assert stats.fallbacks == 0
+
+
+def test_assign_async_on_cuda_does_not_wait_for_the_device():
+    """assign_async returns while the stream is still busy (pinned non-blocking copy + event),
+    and its result is scipy's optimum."""
+    cost = _costs("unit", 3)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # keep the stream busy (~1 s on a 2 GHz clock)
+    late = cost * 1.0  # queued behind the sleep
+    pending = assign_async(late)
+    busy = not torch.cuda.current_stream().query()
+    assert busy, "assign_async waited for the device"
+    cols = pending.result()
+    _check_optimal(cost, cols)

@@ -83,7 +83,7 @@ def test_croc_model_runs_in_bf16_on_cuda_with_the_gpu_solver(megatron_world, tmp
     model32.cuda()
     ref = case.run(model32, config32, batch, torch.device("cuda"))
 
-    config = case.make_config(bf16=True, solver="auto")
+    config = case.make_config(bf16=True, solver="gpu")
     torch.manual_seed(0)
     chunk = CrocModel(config)
     chunk.load_state_dict(state)
@@ -104,3 +104,25 @@ def test_croc_model_runs_in_bf16_on_cuda_with_the_gpu_solver(megatron_world, tmp
     flat = torch.cat([got["grads"][n].flatten() for n in names])
     flat32 = torch.cat([ref["grads"][n].flatten() for n in names])
     assert _rel(flat, flat32) < 0.1
+
+
+def test_visual_prefetch_on_cuda_gives_the_same_step_in_bf16(megatron_world, tmp_path):
+    """The look-ahead path (pinned copy, CUDA event, solver threads) against the plain forward,
+    bf16 in Float16Module as in training: the same costs, assignment, losses and gradients."""
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_croc.models.croc import CrocModel
+
+    config = case.make_config(bf16=True, solver="scipy")
+    torch.manual_seed(0)
+    chunk = CrocModel(config).cuda()
+    model = Float16Module(chunk.config, chunk)
+    assert chunk.prefetches_visual
+    batch = case.make_batch(config)
+    plain = case.run(model, config, batch, torch.device("cuda"))
+    chunk.zero_grad(set_to_none=True)
+    ahead = case.run(model, config, batch, torch.device("cuda"), prefetch=True)
+    assert _rel(ahead["loss"], plain["loss"]) < 1e-6 and _rel(ahead["vtr"], plain["vtr"]) < 1e-6
+    assert set(ahead["grads"]) == set(plain["grads"])
+    for name in plain["grads"]:
+        assert _rel(ahead["grads"][name], plain["grads"][name]) < 1e-5, name
