@@ -24,12 +24,10 @@ Prints a table between ``=== assignment table`` markers and a ``BENCH_ASSIGNMENT
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import os
 import sys
-import time
 from dataclasses import asdict
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -37,6 +35,9 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from megatron_croc.models.matching import _gpu_assign, assign
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import emit_json, wall_ms  # noqa: E402
 
 VISUAL_TOKENS = 576   # CLIP ViT-L/14 at 336 px, class token dropped
 VISION_WIDTH = 1024
@@ -77,26 +78,6 @@ def serial_scipy(cost: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack(cols)).to(cost.device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeat: int,
-            warmup: bool = True) -> tuple[float, object]:
-    """Median wall time of ``fn`` in ms and its last result, after one warm-up call (kernel
-    loading, allocator, thread pool start) unless ``warmup`` is False; synchronised on CUDA."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    if warmup:
-        fn()
-    times, result = [], None
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        result = fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), result
-
-
 def totals(cost: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Per-sample total cost in float64."""
     return cost.double().gather(2, cols[..., None]).sum(dim=(1, 2))
@@ -115,14 +96,14 @@ def run(args: argparse.Namespace) -> dict:
         cost = make_costs(args.batch, args.rows, args.cols, hidden, init, device, args.seed,
                           args.common)
         row: dict = {"pool_init": init}
-        row["serial_scipy_ms"], reference = time_ms(lambda: serial_scipy(cost), device,
-                                                    args.repeat)
+        row["serial_scipy_ms"], reference = wall_ms(lambda: serial_scipy(cost), device=device,
+                                                    repeat=args.repeat)
         ref_total = totals(cost, reference)
-        row["concurrent_scipy_ms"], conc = time_ms(lambda: assign(cost, solver="scipy"), device,
-                                                   args.repeat)
+        row["concurrent_scipy_ms"], conc = wall_ms(lambda: assign(cost, solver="scipy"), device=device,
+                                                   repeat=args.repeat)
         # The batched solver on the CPU takes seconds: no warm-up there (nothing to warm).
-        row["gpu_solver_ms"], (ours, stats) = time_ms(lambda: _gpu_assign(cost), device,
-                                                      args.repeat, device.type == "cuda")
+        row["gpu_solver_ms"], (ours, stats) = wall_ms(lambda: _gpu_assign(cost), device=device,
+                                                      repeat=args.repeat, warmup=device.type == "cuda")
         for name, cols in (("concurrent_scipy", conc), ("gpu_solver", ours)):
             rel = (totals(cost, cols) - ref_total).abs() / ref_total.abs().clamp_min(1e-30)
             row[f"{name}_max_rel_diff"] = float(rel.max())
@@ -185,7 +166,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     result = run(parse_args(argv))
     print(format_table(result))
-    print("BENCH_ASSIGNMENT_JSON " + json.dumps(result))
+    emit_json("BENCH_ASSIGNMENT_JSON", result, None)
     return 0
 
 

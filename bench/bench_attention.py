@@ -28,97 +28,20 @@ Prints a table between ``=== attention table`` markers and a ``BENCH_ATTENTION_J
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import statistics
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-
-# ---------------------------------------------------------------------------------------------
-# shared helpers (bench_step.py imports these)
-# ---------------------------------------------------------------------------------------------
-
-
-def raise_recompile_limit(limit: int = 64) -> None:
-    """torch.compile gives up after 8 graphs per function (then runs it *eagerly*, silently
-    slow). A benchmark compiles FlexAttention for many shapes and variants in one process."""
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    if hasattr(cfg, "recompile_limit"):
-        cfg.recompile_limit = max(cfg.recompile_limit, limit)
-    else:  # older torch
-        cfg.cache_size_limit = max(cfg.cache_size_limit, limit)
-
-
-class BenchInterrupted(BaseException):
-    """SIGTERM (e.g. from `timeout`): stop measuring, print what was measured, exit non-zero.
-    A BaseException so that per-row ``except Exception`` handlers do not swallow it."""
-
-
-def stop_on_sigterm() -> None:
-    import signal
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills
-        raise BenchInterrupted(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], *, device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Per-call times in ms after ``warmup`` calls: CUDA events on GPU, perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    if device.type == "cuda":
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def median(xs: Sequence[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-def _finite_or_none(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    return obj
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (  # noqa: E402
+    BenchInterrupted, device_name, emit_json, median, raise_recompile_limit, stop_on_sigterm, synchronize, time_ms,
+)
 
 
 def layout_inputs(*, batch: int, seq: int, docs_per_row: int, num_visual: int, offset: int,
@@ -405,11 +328,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "interrupted": interrupted,
         "wall_s": time.perf_counter() - start,
     }
-    line = json.dumps(_finite_or_none(result))
-    print("BENCH_ATTENTION_JSON " + line, flush=True)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
+    emit_json("BENCH_ATTENTION_JSON", result, args.json_out)
     return result
 
 

@@ -44,7 +44,6 @@ import argparse
 import dataclasses
 import gc
 import itertools
-import json
 import math
 import os
 import sys
@@ -56,9 +55,8 @@ from typing import Sequence
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import (  # noqa: E402
-    BenchInterrupted, _finite_or_none, device_name, median, raise_recompile_limit, stop_on_sigterm, synchronize,
-    time_ms,
+from benchlib import (  # noqa: E402
+    BenchInterrupted, device_name, emit_json, median, raise_recompile_limit, stop_on_sigterm, synchronize, time_ms,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -709,11 +707,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
           f"micro-batch {args.micro_batch_size} x {args.seq_length}) ===")
     print(format_report(result))
     print("=== end step table ===", flush=True)
-    line = json.dumps(_finite_or_none(result))
-    print("BENCH_STEP_JSON " + line, flush=True)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
+    emit_json("BENCH_STEP_JSON", result, args.json_out)
     return result
 
 

@@ -112,3 +112,23 @@ def test_default_step_preset_is_a_1b_llm_with_clip_l():
     assert 0.8e9 < bench_step.llm_params(config) < 1.2e9
     assert config.vision.num_image_tokens == 576 and config.croc.pool_size == 2048
     assert config.croc.attention_variant == "visual" and config.precision.bf16
+
+
+def test_assignment_benchmark_reports_every_solver_against_serial_scipy(capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_assignment
+    finally:
+        sys.path.remove(str(BENCH))
+    assert bench_assignment.main(["--batch", "3", "--rows", "12", "--cols", "40", "--hidden", "16",
+                                  "--pool-init", "both", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "=== assignment table" in printed
+    result = json.loads(printed.split("BENCH_ASSIGNMENT_JSON ", 1)[1])
+    assert [r["pool_init"] for r in result["rows"]] == ["unit", "normal"]
+    for row in result["rows"]:
+        for key in ("serial_scipy_ms", "concurrent_scipy_ms", "gpu_solver_ms"):
+            assert _finite(row[key]) and row[key] > 0, (key, row)
+        # both fast paths return scipy's optimum
+        assert row["concurrent_scipy_max_rel_diff"] < 1e-9 and row["gpu_solver_max_rel_diff"] < 1e-6
+        assert row["gpu_solver_stats"]["fallbacks"] == 0
