@@ -601,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
     device = _init(args)
-    from megatron_croc.config import PrecisionConfig, validate
+    from megatron_croc.config import PrecisionConfig, padded_sequence_length, validate
     from megatron_croc.models.matching import resolve_solver
     from megatron_croc.platform import apex_available, te_available
 
@@ -653,6 +653,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                        fp8_recipe=args.fp8_recipe))
         bf16 = config.replace(precision=PrecisionConfig(bf16=True))
         validate(fp8, has_te=True, has_apex=apex_available())
+        _, note = padded_sequence_length(fp8, args.seq_length)
+        if note:  # the same batch runs every row: it must suit FP8 as it is
+            raise SystemExit(f"error: for the FP8 rows, {note}; pass that --seq-length or --te off")
         tag = f"FP8 {args.fp8_format}/{args.fp8_recipe}"
         optional += [
             dict(name="GPT, TE spec, bf16", kind="gpt", spec="ours", model_config=bf16, use_te=True),

@@ -272,6 +272,52 @@ def validate(config: ModelConfig, *, has_te: bool, has_apex: bool) -> None:
             raise ConfigError(f"--croc-mask-ratio {croc.mask_ratio} selects no visual token")
 
 
+# The tokens dimension of an FP8 GEMM must be a multiple of the recipe's block: 16 for per-tensor
+# scaling (cuBLASLt FP8 leading dimensions), 32 for MXFP8 blocks, 128 for 128x128 block scaling.
+FP8_TOKEN_MULTIPLE = {"delayed": 16, "tensorwise": 16, "mxfp8": 32, "blockwise": 128}
+
+
+def sequence_multiple(config: ModelConfig) -> int:
+    """What the (padded) training sequence length must be a multiple of.
+
+    Only the language model's transformer layers run in FP8 (megatron-core enters the FP8
+    context inside its TransformerBlock; the encoder is built without FP8, and the projector,
+    the VTR head and the output layer run outside that context), and their GEMMs see
+    ``S x B`` tokens, or ``S / TP x B`` per rank with sequence parallelism. Since every row is
+    padded to the same S, S being a multiple of the FP8 block (times TP with sequence
+    parallelism) makes every GEMM aligned whatever the micro-batch size.
+    """
+    multiple = 1
+    if config.parallel.sequence_parallel:
+        multiple = config.parallel.tensor_model_parallel_size
+    if config.precision.fp8_format is not None:
+        multiple *= FP8_TOKEN_MULTIPLE[config.precision.fp8_recipe]
+    return multiple
+
+
+def padded_sequence_length(config: ModelConfig, seq_length: int) -> tuple[int, str | None]:
+    """``seq_length`` rounded up to :func:`sequence_multiple`, and a note saying why when it
+    changed. Raises ConfigError when the rounded length exceeds the model's positions."""
+    multiple = sequence_multiple(config)
+    padded = -(-seq_length // multiple) * multiple
+    if padded == seq_length:
+        return seq_length, None
+    reasons = []
+    if config.parallel.sequence_parallel:
+        reasons.append(f"sequence parallelism over TP={config.parallel.tensor_model_parallel_size}")
+    if config.precision.fp8_format is not None:
+        reasons.append(f"FP8 recipe {config.precision.fp8_recipe} "
+                       f"(blocks of {FP8_TOKEN_MULTIPLE[config.precision.fp8_recipe]} tokens)")
+    note = (f"--seq-length {seq_length} padded to {padded}, a multiple of {multiple} for "
+            f"{' and '.join(reasons)}; rows are padded with masked positions")
+    if padded > config.language.max_position_embeddings:
+        raise ConfigError(
+            f"{note}, but the model has only {config.language.max_position_embeddings} positions "
+            f"(max_position_embeddings); use --seq-length {padded - multiple} or less"
+        )
+    return padded, note
+
+
 def masked_count(config: ModelConfig) -> int:
     """Visual tokens replaced by pool entries per image (432 of 576 at ratio 0.75)."""
     return int(round(config.croc.mask_ratio * config.vision.num_image_tokens))

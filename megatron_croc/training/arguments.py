@@ -17,6 +17,7 @@ from megatron_croc.config import (
     ParallelConfig,
     PrecisionConfig,
     model_preset,
+    padded_sequence_length,
 )
 from megatron_croc.training.checkpoint import CheckpointConfig
 from megatron_croc.training.optim import OptimConfig
@@ -52,6 +53,8 @@ class TrainConfig:
     max_skipped_steps: int = 10  # consecutive non-finite steps before giving up
     overlap_grad_reduce: bool = False
     exit_after_iteration: int | None = None  # for tests of kill-and-resume
+    # What parse_args adjusted and why (e.g. the sequence length padded for FP8), printed at start.
+    notes: tuple[str, ...] = ()
 
 
 def _data_path(values: Sequence[str] | None, flag: str) -> tuple[tuple[float, str], ...]:
@@ -242,10 +245,11 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
         save=args.save, load=args.load, save_interval=args.save_interval, keep_last=args.keep_last,
         no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
     )
+    seq_length, seq_note = padded_sequence_length(model, pick("seq_length"))
     data = DataConfig(
         data_path=_data_path(args.data_path, "--data-path"),
         valid_data_path=_data_path(args.valid_data_path, "--valid-data-path"),
-        seq_length=pick("seq_length"), pack_sequences=args.pack_sequences, num_workers=args.num_workers,
+        seq_length=seq_length, pack_sequences=args.pack_sequences, num_workers=args.num_workers,
         demo=demo,
     )
     return TrainConfig(
@@ -255,4 +259,5 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
         tensorboard_dir=args.tensorboard_dir, max_skipped_steps=args.max_skipped_steps,
         overlap_grad_reduce=args.overlap_grad_reduce,
         exit_after_iteration=args.exit_after_iteration,
+        notes=tuple(n for n in (seq_note,) if n),
     )

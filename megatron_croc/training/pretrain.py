@@ -291,6 +291,8 @@ def train(config: TrainConfig) -> dict[str, object]:
         f"PP={model_config.parallel.pipeline_model_parallel_size} DP={dp}, {num_microbatches} micro-batches of "
         f"{config.micro_batch_size} x {config.data.seq_length} tokens per step, iterations {iteration}..{config.train_iters}"
     )
+    for note in config.notes:
+        _rank0_print(f"note: {note}")
     start_time = time.perf_counter()
     while iteration < config.train_iters:
         stats.reset()

@@ -56,3 +56,30 @@ def test_main_reports_config_errors_without_a_traceback(capsys):
 
     assert main(["--global-batch-size", "6", "--micro-batch-size", "4"]) == 2
     assert "error: --global-batch-size 6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,seq,expected,reason", [
+    ([], 2000, 2000, None),
+    (["--fp8-format", "hybrid"], 2001, 2016, "FP8 recipe delayed (blocks of 16 tokens)"),
+    (["--fp8-format", "e4m3", "--fp8-recipe", "mxfp8"], 2000, 2016, "FP8 recipe mxfp8 (blocks of 32 tokens)"),
+    (["--fp8-format", "hybrid", "--fp8-recipe", "blockwise"], 2000, 2048, "blocks of 128 tokens"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--fp8-format", "hybrid",
+      "--fp8-recipe", "mxfp8"], 2000, 2048, "sequence parallelism over TP=2 and FP8 recipe mxfp8"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "4"], 2046, 2048, "sequence parallelism over TP=4"),
+    (["--fp8-format", "hybrid"], 2048, 2048, None),
+])
+def test_sequence_length_is_padded_to_what_fp8_and_sequence_parallelism_need(flags, seq, expected, reason):
+    config = parse_args(["--data-path", "x", "--train-iters", "1", "--model", "vicuna-7b",
+                         "--seq-length", str(seq), *flags], world_size=4)
+    assert config.data.seq_length == expected
+    if reason is None:
+        assert config.notes == ()
+    else:
+        (note,) = config.notes
+        assert f"--seq-length {seq} padded to {expected}" in note and reason in note
+
+
+def test_padding_past_the_model_positions_is_refused():
+    with pytest.raises(ConfigError, match="padded to 4098.*only 4096 positions.*use --seq-length 4095 or less"):
+        parse_args(["--data-path", "x", "--train-iters", "1", "--model", "vicuna-7b", "--seq-length", "4096",
+                    "--sequence-parallel", "--tensor-model-parallel-size", "3"], world_size=3)
