@@ -77,7 +77,8 @@ def build_attention_layout(
 ) -> AttentionLayout:
     """Describe the attention of a micro-batch from its layout tensors (all [B, S]).
 
-    ``loss_mask[t]`` marks that the token at t+1 is a supervised answer token (it is aligned
+    ``segment_ids`` number the samples of each row 1, 2, ... (0 = padding), as the data
+    loader's collator does, so they never exceed S. ``loss_mask[t]`` marks that the token at t+1 is a supervised answer token (it is aligned
     with the labels), so a segment's prompt prefix ends at the first t with ``loss_mask[t]``.
     """
     if segment_ids.dim() != 2 or segment_ids.shape != visual_mask.shape:
@@ -103,7 +104,9 @@ def build_attention_layout(
     positions = torch.arange(seq, device=device).expand(bsz, seq)
     # Per segment: the first supervised position t0 (prefix = positions <= t0); a segment
     # without supervision is all prefix. Segments are numbered per row, so index by (row, seg).
-    num_segments = int(seg.max().item()) + 1 if seg.numel() else 1
+    # Segment ids are 0 (padding) .. at most seq: a bound known without reading the ids back
+    # from the device (a sync per micro-batch); the [B, S + 1] scratch is tiny.
+    num_segments = seq + 1
     flat = (torch.arange(bsz, device=device)[:, None] * num_segments + seg).reshape(-1)
     seg_end = torch.full((bsz * num_segments,), -1, dtype=torch.long, device=device)
     seg_end.scatter_reduce_(0, flat, positions.reshape(-1), reduce="amax")

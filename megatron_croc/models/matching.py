@@ -126,7 +126,8 @@ def assign_async(cost: torch.Tensor, *, method: str = "hungarian", solver: str =
     if method not in _METHODS:
         raise ValueError(f"unknown assignment method {method!r}; expected one of {_METHODS}")
     solver = resolve_solver(solver)
-    _validate(cost)
+    on_host = method == "hungarian" and solver == "scipy"
+    _validate(cost, values=not on_host)
     cost = cost.detach()
     if method == "nearest":
         return PendingAssignment(ready=cost.argmin(dim=2))
@@ -135,7 +136,9 @@ def assign_async(cost: torch.Tensor, *, method: str = "hungarian", solver: str =
     return _scipy_assign_async(cost)
 
 
-def _validate(cost: torch.Tensor) -> None:
+def _validate(cost: torch.Tensor, *, values: bool = True) -> None:
+    """Shape and dtype (no device sync); with ``values`` also finiteness, which on a GPU waits
+    for the costs (the background scipy path checks them on the host instead)."""
     if not isinstance(cost, torch.Tensor):
         raise ValueError(f"cost must be a torch.Tensor, got {type(cost).__name__}")
     if cost.dim() != 3:
@@ -146,6 +149,8 @@ def _validate(cost: torch.Tensor) -> None:
     if n > k:
         raise ValueError(f"cost has more rows than columns (N={n} > K={k}): a one-to-one "
                          "assignment of every row is impossible")
+    if not values:
+        return
     # NaN and Inf survive a sum: one cheap reduction in the costs' own precision (a float64
     # accumulator or the elementwise test cost 6-8x more on a CPU), and the exact test only
     # when the sum is not finite, which a sum of huge finite costs can also be.
@@ -154,9 +159,12 @@ def _validate(cost: torch.Tensor) -> None:
         return
     finite = torch.isfinite(cost).flatten(1).all(dim=1)
     if not bool(finite.all()):
-        bad = torch.nonzero(~finite)[:, 0].tolist()
-        raise ValueError(f"cost contains NaN or Inf in sample index {bad[0]}"
-                         + (f" (and {len(bad) - 1} more samples)" if len(bad) > 1 else ""))
+        _raise_nonfinite(torch.nonzero(~finite)[:, 0].tolist())
+
+
+def _raise_nonfinite(bad: list[int]) -> None:
+    raise ValueError(f"cost contains NaN or Inf in sample index {bad[0]}"
+                     + (f" (and {len(bad) - 1} more samples)" if len(bad) > 1 else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,15 +207,24 @@ class PendingAssignment:
         return self._ready is not None or all(f.done() for f in self._futures)
 
     def result(self) -> torch.Tensor:
+        """The assignment; raises ValueError naming the first sample with NaN or Inf costs."""
         if self._ready is None:
-            self._ready = _columns_tensor([f.result() for f in self._futures], self._shape, self._device)
+            cols = [f.result() for f in self._futures]
+            bad = [i for i, c in enumerate(cols) if c is None]
+            if bad:
+                _raise_nonfinite(bad)
+            self._ready = _columns_tensor(cols, self._shape, self._device)
             self._futures = None
         return self._ready
 
 
-def _solve_after(ready, matrix: np.ndarray) -> np.ndarray:
+def _solve_after(ready, matrix: np.ndarray) -> np.ndarray | None:
+    """One sample's scipy solve on a solver thread, after its costs have landed on the host;
+    None for non-finite costs (checked here, on the host, so the caller never waits)."""
     if ready is not None:
         ready.synchronize()  # the non-blocking copy into ``matrix`` has landed (releases the GIL)
+    if not np.isfinite(matrix).all():
+        return None
     return _lsap_columns(matrix)
 
 
@@ -230,11 +247,19 @@ def _scipy_assign_async(cost: torch.Tensor) -> PendingAssignment:
         host = cost if cost.device.type == "cpu" else cost.cpu()
     matrices = host.numpy()
     if b <= 1 and ready is None:
-        return PendingAssignment(ready=_columns_tensor([_lsap_columns(m) for m in matrices], (b, n), cost.device))
+        # nothing to overlap: solve here, without a thread hand-over
+        return PendingAssignment(futures=[_done(_solve_after(None, m)) for m in matrices], shape=(b, n),
+                                 device=cost.device)
     pool = _thread_pool()
     futures = [pool.submit(_solve_after, ready, matrices[i]) for i in range(b)]
     # ``host`` stays alive through the futures' references to its rows.
     return PendingAssignment(futures=futures, shape=(b, n), device=cost.device)
+
+
+def _done(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def _columns_tensor(cols: list[np.ndarray], shape: tuple[int, int], device: torch.device) -> torch.Tensor:

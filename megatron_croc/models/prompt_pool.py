@@ -28,9 +28,11 @@ def draw_masks(
     """Boolean [len(keys), num_tokens]: ``num_masked`` positions per image, uniform without
     replacement, drawn from a generator seeded by (seed, key)."""
     masks = torch.zeros(len(keys), num_tokens, dtype=torch.bool)
-    for row, key in enumerate(keys.tolist()):
+    for row, key in enumerate(keys.tolist()):  # keys on the host: no device sync (training.step)
         generator = torch.Generator().manual_seed(_mask_seed(seed, int(key)))
         masks[row, torch.randperm(num_tokens, generator=generator)[:num_masked]] = True
+    if torch.device(device).type == "cuda":  # pinned: the copy does not wait for the device
+        return masks.pin_memory().to(device, non_blocking=True)
     return masks.to(device)
 
 

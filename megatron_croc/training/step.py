@@ -23,11 +23,15 @@ def unwrap(model) -> CrocModel:
     return model
 
 
+# Read on the host only (they seed the pool masks): moving them would cost a device sync to read back.
+HOST_INPUTS = ("image_sample_ids",)
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     missing = [k for k in MODEL_INPUTS if k not in batch]
     if missing:
         raise KeyError(f"the batch lacks {missing}; is the data loader megatron_croc.data's?")
-    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
+    return {k: batch[k] if k in HOST_INPUTS else batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
 
 
 class StepStats:

@@ -282,5 +282,12 @@ def test_assign_async_of_device_side_methods_is_ready_at_once():
     assert batched.done() and torch.equal(batched.result(), matching.assign(cost, solver="scipy"))
     with pytest.raises(ValueError, match="unknown assignment solver"):
         matching.assign_async(cost, solver="lapjv")
+    # the background path checks the costs on the host, where the solver threads read them
+    bad = torch.stack([cost[0], cost[1] * float("nan"), cost[0], cost[1] * float("inf")])
+    pending = matching.assign_async(bad, solver="scipy")
+    with pytest.raises(ValueError, match=r"NaN or Inf in sample index 1 \(and 1 more samples\)"):
+        pending.result()
+    with pytest.raises(ValueError, match="NaN or Inf in sample index 0"):
+        matching.assign_async(bad[1:2], solver="scipy").result()
     with pytest.raises(ValueError, match="NaN or Inf in sample index 1"):
-        matching.assign_async(torch.stack([cost[0], cost[1] * float("nan")]))
+        matching.assign_async(bad, solver="gpu")

@@ -103,3 +103,16 @@ def test_lookahead_is_off_where_it_would_not_help(megatron_world):
         output, loss_func = forward_step(data, model)
         loss_func(output)
     assert events == ["read 0", "forward", "read 1", "forward"]
+
+
+def test_image_keys_stay_on_the_host():
+    """The pool masks are drawn on the host from the image keys; on a GPU, keys moved to the
+    device would cost a sync per micro-batch to read back."""
+    from megatron_croc.training.step import MODEL_INPUTS, to_device
+
+    config = model_preset("tiny")
+    batch = next(LoggedBatches(config, []))
+    moved = to_device(batch, torch.device("meta"))
+    assert set(moved) == set(MODEL_INPUTS)
+    assert moved["image_sample_ids"] is batch["image_sample_ids"]
+    assert all(v.is_meta for k, v in moved.items() if k != "image_sample_ids")
