@@ -56,7 +56,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (  # noqa: E402
-    BenchInterrupted, device_name, emit_json, median, raise_recompile_limit, stop_on_sigterm, synchronize, time_ms,
+    BenchInterrupted, device_name, emit_json, host_syncs, median, raise_recompile_limit, stop_on_sigterm, synchronize,
+    time_ms,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -243,9 +244,13 @@ def time_training_steps(ddp, model_config, forward_step, batch, args, device) ->
         synchronize(device)
         if i >= args.warmup - 1:
             times.append(time.perf_counter() - t0)
+    # the host syncs of the schedule's forward and backward (not the optimizer's grad-norm read)
+    syncs = host_syncs(lambda: forward_backward(
+        forward_step_func=forward_step, data_iterator=data, model=[ddp], num_microbatches=args.num_microbatches,
+        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, forward_only=False), device)
     del optimizer
     return {"step_s": median(times), "first_step_s": first_step_s, "step_times_s": times,
-            "last_loss": losses[-1] if losses else float("nan")}
+            "last_loss": losses[-1] if losses else float("nan"), "host_syncs": syncs}
 
 
 def free(device):
@@ -491,10 +496,21 @@ def format_report(result: dict) -> str:
         lines.append(f"assignment exposed in the step (Croc step - same step with the nearest matcher): "
                      f"{exposed * 1e3:.1f} ms = {100 * exposed / croc['step_s']:.1f}% of the step "
                      f"(target <= 2%; look-ahead {'on' if result['lookahead'] else 'off'})")
+        serial_ms = croc.get("components", {}).get("scipy_serial_ms")
+        if serial_ms:
+            per_mb = exposed * 1e3 / result["num_microbatches"]
+            lines.append(f"  per micro-batch: {per_mb:.2f} ms exposed vs {serial_ms:.2f} ms for serial scipy "
+                         f"= {serial_ms / per_mb if per_mb > 0 else float('inf'):.0f}x (target >= 100x)")
     if croc and serial:
         saved = serial["step_s"] - croc["step_s"]
         lines.append(f"look-ahead: step {croc['step_s'] * 1e3:.1f} ms vs {serial['step_s'] * 1e3:.1f} ms "
                      f"without ({100 * saved / serial['step_s']:.1f}% saved)")
+    for r in (base, croc):
+        if r and r.get("host_syncs"):
+            syncs = r["host_syncs"]
+            lines.append(f"host syncs in one step's forward+backward ({r['name']}, {result['num_microbatches']} "
+                         f"micro-batches): {syncs['count']}" + (f" at {', '.join(syncs['sites'][:6])}"
+                                                                  if syncs["sites"] else ""))
     if croc and "components" in croc:
         c = croc["components"]
         per_mb = croc["step_s"] * 1e3 / result["num_microbatches"]

@@ -6,10 +6,13 @@ script runs); it holds no measured logic.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
+import os
 import statistics
 import time
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -117,3 +120,26 @@ def emit_json(tag: str, result: dict, json_out: str | None) -> None:
     if json_out:
         with open(json_out, "w") as f:
             f.write(line + "\n")
+
+
+def host_syncs(fn: Callable[[], object], device: torch.device) -> dict | None:
+    """Run ``fn`` once with CUDA's sync debug mode on and list the host syncs it makes: their
+    count and the Python lines that made them (most frequent first). None off CUDA.
+
+    A sync makes the host wait for the GPU to drain, so the GPU then idles while the host
+    queues the next kernels; the Croc step aims to have none per micro-batch."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize(device)
+    sites = collections.Counter(
+        f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+    )
+    return {"count": sum(sites.values()), "sites": [f"{site} x{n}" for site, n in sites.most_common()]}

@@ -143,7 +143,7 @@ def _resolve_data(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, data=data, model=model.replace(language=language))
 
 
-def _data_iterators(config: TrainConfig, consumed_samples: int, *, valid: bool = False):
+def _data_iterators(config: TrainConfig, consumed_samples: int, *, pin_memory: bool, valid: bool = False):
     from megatron.core import parallel_state as ps
 
     from megatron_croc.data.dataset import DataLoaderConfig, build_data_loader
@@ -159,6 +159,8 @@ def _data_iterators(config: TrainConfig, consumed_samples: int, *, valid: bool =
         micro_batch_size=config.micro_batch_size, global_batch_size=config.global_batch_size,
         seed=config.seed, packing=config.data.pack_sequences, num_workers=config.data.num_workers,
         shuffle=not valid,
+        # pinned batches copy to the GPU without waiting for it (pageable ones may sync the stream)
+        pin_memory=pin_memory,
     )
     vp = config.model.parallel.virtual_pipeline_model_parallel_size or 1
     # Every model chunk reads the same stream: each stage needs the micro-batch's layout.
@@ -187,17 +189,19 @@ def _reduce_step_stats(stats: StepStats, num_microbatches: int) -> tuple[dict[st
         keys = sorted(stats.losses[0]) if stats.losses else []
         values = torch.stack([torch.stack([mb[k].float().cpu() for k in keys]) for mb in stats.losses]).mean(0) \
             if keys else torch.zeros(0)
-        counts = torch.tensor([stats.num_samples, stats.num_images], dtype=torch.float64)
+        counts = torch.tensor([float(stats.num_samples), float(stats.num_images)], dtype=torch.float64)
         dp = ps.get_data_parallel_group()
         dist.all_reduce(values, group=dp)
         dist.all_reduce(counts, group=dp)
         values /= ps.get_data_parallel_world_size()
         parts = {k: float(v) for k, v in zip(keys, values)}
         finite = all(math.isfinite(v) for v in parts.values())
-        stats.num_samples, stats.num_images = int(counts[0]), int(counts[1])
+        num_samples, num_images = int(counts[0]), int(counts[1])
+    else:
+        num_samples, num_images = 0, 0
     flag = torch.tensor([0.0 if finite else 1.0])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return parts, stats.num_samples, stats.num_images, flag.item() == 0.0
+    return parts, num_samples, num_images, flag.item() == 0.0
 
 
 def evaluate(config: TrainConfig, forward_backward, chunks, iterators, forward_step, stats: StepStats,
@@ -265,8 +269,9 @@ def train(config: TrainConfig) -> dict[str, object]:
     dp = ps.get_data_parallel_world_size()
     num_microbatches = config.global_batch_size // (config.micro_batch_size * dp)
     seq_length = pipeline_tensor_seq_length(model_config, config.data.seq_length)
-    train_iters = _data_iterators(config, consumed)
-    valid_iters = _data_iterators(config, 0, valid=True) if config.eval_interval else None
+    pin = platform.device.type == "cuda"
+    train_iters = _data_iterators(config, consumed, pin_memory=pin)
+    valid_iters = _data_iterators(config, 0, pin_memory=pin, valid=True) if config.eval_interval else None
 
     tc = get_model_config(chunks[0])
     tc.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync

@@ -35,16 +35,21 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Te
 
 
 class StepStats:
-    """Per-step accumulators, filled on the last pipeline stage: samples and images seen, and
-    the reported loss parts of every micro-batch."""
+    """Per-step accumulators, filled on the last pipeline stage: images and samples seen, and
+    the reported loss parts of every micro-batch. Device values stay on the device until the
+    step's reduction reads them, so counting costs no sync per micro-batch."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.num_images = 0
-        self.num_samples = 0
+        self.sample_counts: list[torch.Tensor] = []  # samples per micro-batch, on the device
         self.losses: list[dict[str, torch.Tensor]] = []
+
+    @property
+    def num_samples(self) -> int:
+        return int(sum(int(c) for c in self.sample_counts))
 
 
 class _LookaheadFeed:
@@ -104,8 +109,8 @@ def make_forward_step(model_config: ModelConfig, device: torch.device, stats: St
             visual_mask=batch["visual_mask"], loss_mask=batch["loss_mask"],
         )
         if croc_model.post_process:  # counted where the losses are reported
-            stats.num_images += int(batch["visual_mask"].sum()) // croc_model.num_image_tokens
-            stats.num_samples += int(batch["segment_ids"].amax(dim=1).sum())
+            stats.num_images += len(batch["image_sample_ids"])  # one key per image, on the host
+            stats.sample_counts.append(batch["segment_ids"].amax(dim=1).sum())
         output = model(
             tokens=batch["tokens"], position_ids=batch["position_ids"], layout=layout,
             visual_mask=batch["visual_mask"], labels=batch["labels"],
