@@ -294,7 +294,7 @@ def croc_components(ddp, model_config, batch, args, device) -> dict:
     out: dict[str, object] = {}
     t_start = time.perf_counter()
     images = batch["images"].to(device)
-    keys = batch["image_sample_ids"].to(device)
+    keys = batch["image_sample_ids"]  # on the host, as the training step keeps them
     seg, vis, loss_mask = (batch[k].to(device) for k in ("segment_ids", "visual_mask", "loss_mask"))
     num_images = images.shape[0]
 
@@ -308,14 +308,13 @@ def croc_components(ddp, model_config, batch, args, device) -> dict:
     # assignment: what the step runs (cdist + solve + replace), then the solver alone vs scipy
     with torch.no_grad():
         visual = model.vision(images)
-        masks = model._draw_masks(keys, device)
+        positions = model._mask_positions(keys, device)
         croc = model_config.croc
         out["step_solver"] = croc.assignment_solver
         out["pool_forward_ms"] = median(time_ms(
-            lambda: model.pool(visual, masks, matcher=croc.matcher, solver=croc.assignment_solver),
+            lambda: model.pool(visual, positions, matcher=croc.matcher, solver=croc.assignment_solver),
             device=device, warmup=warm, iters=iters))
-        selected = visual[masks].view(num_images, -1, visual.shape[-1]).float()
-        cost = torch.cdist(selected, model.pool.weight.float().unsqueeze(0).expand(num_images, -1, -1))
+        cost = model.pool.cost(visual, positions)
     out["cost_shape"] = list(cost.shape)
     out.update(assignment_comparison(cost, assign, device, tiny=args.tiny))
 

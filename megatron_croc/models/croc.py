@@ -34,18 +34,18 @@ from megatron_croc.config import (
 from megatron_croc.models import specs
 from megatron_croc.models.attention import AttentionLayout
 from megatron_croc.models.matching import PendingAssignment, assign_async, resolve_solver
-from megatron_croc.models.prompt_pool import PromptPool, draw_masks
+from megatron_croc.models.prompt_pool import PromptPool, draw_mask_positions
 from megatron_croc.models.vision import VisionTower
 
 
 @dataclass(frozen=True, kw_only=True)
 class VisualPrefetch:
     """A micro-batch's vision work started ahead of its forward (:meth:`CrocModel.prefetch_visual`):
-    the frozen encoder's features, the pool masks, and the assignment being solved."""
+    the frozen encoder's features, the replaced positions, and the assignment being solved."""
 
     images: torch.Tensor  # the micro-batch's images, to check that forward gets the same ones
     features: torch.Tensor
-    masks: torch.Tensor
+    positions: torch.Tensor
     assignment: PendingAssignment
 
 
@@ -252,14 +252,16 @@ class CrocModel(MegatronModule):
                     f"the batch has {num_spans} <image> placeholders but {num_images} images; "
                     "each <image> needs exactly one image"
                 )
-        if self.croc.uses_pool and num_spans and (image_keys is None or len(image_keys) != num_spans):
+        if self.croc.uses_pool and (num_spans or image_keys is not None) and (
+            image_keys is None or len(image_keys) != num_spans
+        ):
             raise ValueError(
                 f"the comprehension stage needs one image key per image ({num_spans}), "
                 f"got {None if image_keys is None else len(image_keys)}"
             )
 
-    def _draw_masks(self, image_keys: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return draw_masks(
+    def _mask_positions(self, image_keys: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return draw_mask_positions(
             seed=self.croc.seed, keys=image_keys, num_tokens=self.num_image_tokens,
             num_masked=self.num_masked, device=device,
         )
@@ -291,12 +293,12 @@ class CrocModel(MegatronModule):
             return None
         with torch.no_grad():
             features = self.vision.encode(images)
-            masks = self._draw_masks(image_keys, images.device)
+            positions = self._mask_positions(image_keys, images.device)
             # The forward projects the same features with the same weights: the same tokens,
             # so the same costs and the same optimal assignment as if solved there.
-            cost = self.pool.cost(self.vision.project(features), masks)
+            cost = self.pool.cost(self.vision.project(features), positions)
         pending = assign_async(cost, method=self.croc.matcher, solver=self.croc.assignment_solver)
-        return VisualPrefetch(images=images, features=features, masks=masks, assignment=pending)
+        return VisualPrefetch(images=images, features=features, positions=positions, assignment=pending)
 
     def _embed(self, tokens, position_ids, visual_mask, images, image_keys, prefetch):
         """Text embeddings with the (replaced) visual tokens spliced in at the visual positions.
@@ -311,14 +313,14 @@ class CrocModel(MegatronModule):
                 if prefetch.images is not images:
                     raise ValueError("visual_prefetch was made for other images than this micro-batch's")
                 visual = self.vision.project(prefetch.features)
-                masks, assignment = prefetch.masks, prefetch.assignment.result()
+                positions, assignment = prefetch.positions, prefetch.assignment.result()
             else:
                 visual = self.vision(images)  # [N, T, H], unit norm
-                masks = self._draw_masks(image_keys, visual.device) if self.pool is not None else None
+                positions = self._mask_positions(image_keys, visual.device) if self.pool is not None else None
             if self.pool is not None:
                 targets = visual.detach()
                 visual, _ = self.pool(
-                    visual, masks, matcher=self.croc.matcher, solver=self.croc.assignment_solver,
+                    visual, positions, matcher=self.croc.matcher, solver=self.croc.assignment_solver,
                     assignment=assignment,
                 )
             embeddings = embeddings.masked_scatter(
@@ -373,7 +375,7 @@ class CrocModel(MegatronModule):
         visual tokens, mean over elements, over all or only the masked positions."""
         if self.sequence_parallel:
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden)
-        num_images = int(visual_mask.sum()) // self.num_image_tokens
+        num_images = len(image_keys)  # one key per image, on the host (checked in _check_batch)
         if num_images == 0:
             return 0.0 * sum(p.sum() for p in self.vtr_head.parameters())
         size = hidden.shape[-1]
@@ -388,8 +390,8 @@ class CrocModel(MegatronModule):
             prediction.float(), targets.float(), beta=self.croc.vtr_smooth_l1_beta, reduction="none"
         )
         if self.croc.vtr_loss_positions == "masked":
-            masks = self._draw_masks(image_keys, loss.device)
-            return loss[masks].mean()
+            positions = self._mask_positions(image_keys, loss.device)
+            return loss.gather(1, positions.unsqueeze(-1).expand(-1, -1, size)).mean()
         return loss.mean()
 
 

@@ -22,18 +22,24 @@ def _mask_seed(seed: int, key: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def draw_masks(
+def draw_mask_positions(
     *, seed: int, keys: torch.Tensor, num_tokens: int, num_masked: int, device: torch.device
 ) -> torch.Tensor:
-    """Boolean [len(keys), num_tokens]: ``num_masked`` positions per image, uniform without
-    replacement, drawn from a generator seeded by (seed, key)."""
-    masks = torch.zeros(len(keys), num_tokens, dtype=torch.bool)
-    for row, key in enumerate(keys.tolist()):  # keys on the host: no device sync (training.step)
+    """int64 [len(keys), num_masked]: the visual-token positions each image has replaced,
+    ascending, ``num_masked`` of ``num_tokens`` uniform without replacement, drawn from a
+    generator seeded by (seed, key).
+
+    Positions rather than a boolean mask: gathering and scattering at known positions needs no
+    host sync on a GPU, where boolean indexing reads the mask's count back first.
+    """
+    rows = []
+    for key in keys.tolist():  # keys on the host: no device sync (training.step)
         generator = torch.Generator().manual_seed(_mask_seed(seed, int(key)))
-        masks[row, torch.randperm(num_tokens, generator=generator)[:num_masked]] = True
+        rows.append(torch.randperm(num_tokens, generator=generator)[:num_masked].sort().values)
+    positions = torch.stack(rows) if rows else torch.zeros(0, num_masked, dtype=torch.long)
     if torch.device(device).type == "cuda":  # pinned: the copy does not wait for the device
-        return masks.pin_memory().to(device, non_blocking=True)
-    return masks.to(device)
+        return positions.pin_memory().to(device, non_blocking=True)
+    return positions.to(device)
 
 
 class PromptPool(MegatronModule):
@@ -54,28 +60,28 @@ class PromptPool(MegatronModule):
         # Read by the optimizer's parameter groups: the pool takes no weight decay.
         self.weight.no_weight_decay = True
 
-    def cost(self, visual_tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def cost(self, visual_tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Euclidean distances [N, n_masked, pool_size] (fp32, no grad) between each image's
-        masked visual tokens and every pool entry: what the assignment minimises."""
+        tokens at ``positions`` and every pool entry: what the assignment minimises."""
         num_images, _, hidden = visual_tokens.shape
         with torch.no_grad():
-            selected = visual_tokens[masks].view(num_images, -1, hidden).float()
+            selected = visual_tokens.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden)).float()
             return torch.cdist(selected, self.weight.float().unsqueeze(0).expand(num_images, -1, -1))
 
     def forward(
-        self, visual_tokens: torch.Tensor, masks: torch.Tensor, *, matcher: str, solver: str,
+        self, visual_tokens: torch.Tensor, positions: torch.Tensor, *, matcher: str, solver: str,
         assignment: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replace the masked visual tokens by their assigned pool entries.
+        """Replace the visual tokens at ``positions`` by their assigned pool entries.
 
-        visual_tokens [N, T, H], masks [N, T] (the same count per row). ``assignment``, when
-        given, is the solve of :meth:`cost` for these very tokens and masks, done ahead
-        (``CrocModel.prefetch_visual``); otherwise it is solved here. Returns the replaced
-        tokens [N, T, H] and the assignment [N, n_masked]. Gradients reach the assigned pool
-        rows; the assignment itself is not differentiated.
+        visual_tokens [N, T, H], positions [N, n_masked] (:func:`draw_mask_positions`).
+        ``assignment``, when given, is the solve of :meth:`cost` for these very tokens and
+        positions, done ahead (``CrocModel.prefetch_visual``); otherwise it is solved here.
+        Returns the replaced tokens [N, T, H] and the assignment [N, n_masked]. Gradients reach
+        the assigned pool rows; the assignment itself is not differentiated.
         """
         if assignment is None:
-            assignment = assign(self.cost(visual_tokens, masks), method=matcher, solver=solver)
-        replaced = visual_tokens.clone()
-        replaced[masks] = self.weight[assignment.reshape(-1)].to(visual_tokens.dtype)
-        return replaced, assignment
+            assignment = assign(self.cost(visual_tokens, positions), method=matcher, solver=solver)
+        entries = self.weight[assignment].to(visual_tokens.dtype)  # [N, n_masked, H]
+        index = positions.unsqueeze(-1).expand(-1, -1, visual_tokens.shape[-1])
+        return visual_tokens.scatter(1, index, entries), assignment
