@@ -297,8 +297,18 @@ class CrocModel(MegatronModule):
             # The forward projects the same features with the same weights: the same tokens,
             # so the same costs and the same optimal assignment as if solved there.
             cost = self.pool.cost(self.vision.project(features), positions)
-        pending = assign_async(cost, method=self.croc.matcher, solver=self.croc.assignment_solver)
-        return VisualPrefetch(images=images, features=features, positions=positions, assignment=pending)
+        return VisualPrefetch(images=images, features=features, positions=positions,
+                              assignment=self._start_assignment(cost))
+
+    def _start_assignment(self, cost: torch.Tensor) -> PendingAssignment:
+        """Start solving the assignment for ``cost`` [N, n_masked, pool_size]. The costs are
+        the same on every tensor-parallel rank (replicated pool, all-reduced visual tokens), so
+        on the host solver each rank solves every TP-th image and they exchange the results:
+        1/TP of the host work per rank, and one assignment shared by all of them."""
+        tp_group = None
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+        return assign_async(cost, method=self.croc.matcher, solver=self.croc.assignment_solver, group=tp_group)
 
     def _embed(self, tokens, position_ids, visual_mask, images, image_keys, prefetch):
         """Text embeddings with the (replaced) visual tokens spliced in at the visual positions.
@@ -308,7 +318,6 @@ class CrocModel(MegatronModule):
         targets = None
         hidden = embeddings.shape[-1]
         if images is not None and images.shape[0] > 0:
-            assignment = None
             if prefetch is not None:
                 if prefetch.images is not images:
                     raise ValueError("visual_prefetch was made for other images than this micro-batch's")
@@ -316,13 +325,12 @@ class CrocModel(MegatronModule):
                 positions, assignment = prefetch.positions, prefetch.assignment.result()
             else:
                 visual = self.vision(images)  # [N, T, H], unit norm
-                positions = self._mask_positions(image_keys, visual.device) if self.pool is not None else None
+                if self.pool is not None:
+                    positions = self._mask_positions(image_keys, visual.device)
+                    assignment = self._start_assignment(self.pool.cost(visual, positions)).result()
             if self.pool is not None:
                 targets = visual.detach()
-                visual, _ = self.pool(
-                    visual, positions, matcher=self.croc.matcher, solver=self.croc.assignment_solver,
-                    assignment=assignment,
-                )
+                visual = self.pool(visual, positions, assignment)
             embeddings = embeddings.masked_scatter(
                 visual_mask.unsqueeze(-1), visual.to(embeddings.dtype).reshape(-1, hidden)
             )

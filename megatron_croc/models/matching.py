@@ -72,6 +72,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
 
 __all__ = ["PendingAssignment", "assign", "assign_async", "resolve_solver"]
@@ -115,13 +116,18 @@ def resolve_solver(solver: str) -> str:
     return "scipy" if solver == "auto" else solver
 
 
-def assign_async(cost: torch.Tensor, *, method: str = "hungarian", solver: str = "auto"
-                 ) -> "PendingAssignment":
+def assign_async(cost: torch.Tensor, *, method: str = "hungarian", solver: str = "auto",
+                 group: "dist.ProcessGroup | None" = None) -> "PendingAssignment":
     """:func:`assign` without waiting: returns a :class:`PendingAssignment` at once.
 
     Only the scipy path runs in the background (on the solver threads, after a non-blocking
     device-to-host copy); ``"nearest"`` is queued on the costs' device as usual, and the batched
     solver, which syncs with its device every round, runs before this returns.
+
+    ``group``: ranks that hold the very same ``cost`` (tensor-parallel ranks of one pipeline
+    stage). On the scipy path each of them then solves every ``size``-th sample only, and
+    :meth:`PendingAssignment.result` all-gathers the columns, so every rank gets the whole
+    assignment for 1/size of the host work. Every rank of ``group`` must call ``result()``.
     """
     if method not in _METHODS:
         raise ValueError(f"unknown assignment method {method!r}; expected one of {_METHODS}")
@@ -133,6 +139,9 @@ def assign_async(cost: torch.Tensor, *, method: str = "hungarian", solver: str =
         return PendingAssignment(ready=cost.argmin(dim=2))
     if solver == "gpu":
         return PendingAssignment(ready=_gpu_assign(cost)[0])
+    if group is not None and dist.get_world_size(group) > 1:
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        return _scipy_assign_async(cost[rank::size].contiguous(), split=(group, cost.shape[0]))
     return _scipy_assign_async(cost)
 
 
@@ -197,13 +206,17 @@ class PendingAssignment:
     device). Either already computed (``ready``) or one future per sample."""
 
     def __init__(self, *, ready: torch.Tensor | None = None, futures: list[Future] | None = None,
-                 shape: tuple[int, int] | None = None, device: torch.device | None = None) -> None:
+                 shape: tuple[int, int] | None = None, device: torch.device | None = None,
+                 split: tuple[dist.ProcessGroup, int] | None = None) -> None:
         self._ready = ready
         self._futures = futures
         self._shape = shape
         self._device = device
+        # (group, batch size) when this rank solved every size-th sample of the batch only
+        self._split = split
 
     def done(self) -> bool:
+        """Whether this rank's solves are finished (a split one still gathers in result())."""
         return self._ready is not None or all(f.done() for f in self._futures)
 
     def result(self) -> torch.Tensor:
@@ -211,11 +224,33 @@ class PendingAssignment:
         if self._ready is None:
             cols = [f.result() for f in self._futures]
             bad = [i for i, c in enumerate(cols) if c is None]
-            if bad:
-                _raise_nonfinite(bad)
-            self._ready = _columns_tensor(cols, self._shape, self._device)
+            if self._split is None:
+                if bad:
+                    _raise_nonfinite(bad)
+                self._ready = _columns_tensor(cols, self._shape, self._device)
+            else:
+                group, batch = self._split
+                size, rank = dist.get_world_size(group), dist.get_rank(group)
+                placeholder = np.zeros(self._shape[1], dtype=np.int64)
+                local = _columns_tensor([placeholder if c is None else c for c in cols], self._shape, self._device)
+                # Gather first, so no rank waits in the collective for one that raised.
+                self._ready = _gather_interleaved(local, batch=batch, group=group)
+                if bad:  # this rank's samples rank, rank + size, ...
+                    _raise_nonfinite([rank + size * i for i in bad])
             self._futures = None
         return self._ready
+
+
+def _gather_interleaved(local: torch.Tensor, *, batch: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """All-gather the rows rank r solved (samples r, r + size, ...) into the [batch, N] whole."""
+    size = dist.get_world_size(group)
+    per_rank = -(-batch // size)
+    padded = local.new_zeros(per_rank, local.shape[1])
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded, group=group)
+    # row j * size + r is rank r's j-th sample; rows past the batch are padding
+    return torch.stack(parts, dim=1).reshape(per_rank * size, local.shape[1])[:batch]
 
 
 def _solve_after(ready, matrix: np.ndarray) -> np.ndarray | None:
@@ -228,9 +263,10 @@ def _solve_after(ready, matrix: np.ndarray) -> np.ndarray | None:
     return _lsap_columns(matrix)
 
 
-def _scipy_assign_async(cost: torch.Tensor) -> PendingAssignment:
+def _scipy_assign_async(cost: torch.Tensor, split: tuple[dist.ProcessGroup, int] | None = None
+                        ) -> PendingAssignment:
     """scipy per sample, all samples concurrently on the solver threads, after one
-    device-to-host copy for the batch."""
+    device-to-host copy for the batch (``split``: see :class:`PendingAssignment`)."""
     # Copy in the cost's own precision (half the bytes of float64 over PCIe for fp32 costs);
     # scipy converts each matrix to float64 inside its own thread. numpy has no bf16.
     if cost.dtype not in (torch.float32, torch.float64):
@@ -249,11 +285,11 @@ def _scipy_assign_async(cost: torch.Tensor) -> PendingAssignment:
     if b <= 1 and ready is None:
         # nothing to overlap: solve here, without a thread hand-over
         return PendingAssignment(futures=[_done(_solve_after(None, m)) for m in matrices], shape=(b, n),
-                                 device=cost.device)
+                                 device=cost.device, split=split)
     pool = _thread_pool()
     futures = [pool.submit(_solve_after, ready, matrices[i]) for i in range(b)]
     # ``host`` stays alive through the futures' references to its rows.
-    return PendingAssignment(futures=futures, shape=(b, n), device=cost.device)
+    return PendingAssignment(futures=futures, shape=(b, n), device=cost.device, split=split)
 
 
 def _done(value) -> Future:

@@ -13,7 +13,6 @@ import hashlib
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_croc.models.matching import assign
 
 
 def _mask_seed(seed: int, key: int) -> int:
@@ -69,19 +68,15 @@ class PromptPool(MegatronModule):
             return torch.cdist(selected, self.weight.float().unsqueeze(0).expand(num_images, -1, -1))
 
     def forward(
-        self, visual_tokens: torch.Tensor, positions: torch.Tensor, *, matcher: str, solver: str,
-        assignment: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, visual_tokens: torch.Tensor, positions: torch.Tensor, assignment: torch.Tensor
+    ) -> torch.Tensor:
         """Replace the visual tokens at ``positions`` by their assigned pool entries.
 
-        visual_tokens [N, T, H], positions [N, n_masked] (:func:`draw_mask_positions`).
-        ``assignment``, when given, is the solve of :meth:`cost` for these very tokens and
-        positions, done ahead (``CrocModel.prefetch_visual``); otherwise it is solved here.
-        Returns the replaced tokens [N, T, H] and the assignment [N, n_masked]. Gradients reach
-        the assigned pool rows; the assignment itself is not differentiated.
+        visual_tokens [N, T, H], positions [N, n_masked] (:func:`draw_mask_positions`),
+        assignment [N, n_masked]: the pool entry for each position, solved from :meth:`cost`
+        (``matching.assign``). Returns the replaced tokens [N, T, H]. Gradients reach the
+        assigned pool rows; the assignment itself is not differentiated.
         """
-        if assignment is None:
-            assignment = assign(self.cost(visual_tokens, positions), method=matcher, solver=solver)
         entries = self.weight[assignment].to(visual_tokens.dtype)  # [N, n_masked, H]
         index = positions.unsqueeze(-1).expand(-1, -1, visual_tokens.shape[-1])
-        return visual_tokens.scatter(1, index, entries), assignment
+        return visual_tokens.scatter(1, index, entries)

@@ -60,10 +60,17 @@ def _worker(rank, world_size, attention):
     config = base.replace(parallel=ParallelConfig(tensor_model_parallel_size=2))
     model, step = _loss_and_grads(config, batch)
     load_full_state(model, weights, parallel_state.get_tensor_model_parallel_rank(), 2)
+    from megatron_croc.models import matching
+
+    solves = []
+    solve = matching._lsap_columns
+    matching._lsap_columns = lambda m: solves.append(m.shape) or solve(m)
     got = step()
-    # the sharding really happened
+    # the sharding really happened, of the layers and of the host assignment (2 images: one
+    # solved on each TP rank)
     assert model.language_model.decoder.layers[0].mlp.linear_fc1.weight.shape[0] == \
         ref_model.language_model.decoder.layers[0].mlp.linear_fc1.weight.shape[0] // 2
+    assert len(solves) == 1, solves
     return ref, got
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_croc.models.matching import assign
 from megatron_croc.models.prompt_pool import PromptPool, draw_mask_positions
 
 
@@ -62,7 +63,8 @@ def test_replacement_and_gradients(matcher):
     positions = draw_mask_positions(seed=1, keys=torch.tensor([5, 6, 7]), num_tokens=6, num_masked=4,
                                     device=torch.device("cpu"))
     masks = _masks(positions, 6)
-    replaced, assignment = pool(tokens, positions, matcher=matcher, solver="scipy")
+    assignment = assign(pool.cost(tokens, positions), method=matcher, solver="scipy")
+    replaced = pool(tokens, positions, assignment)
     assert assignment.shape == (3, 4)
     # masked positions hold their assigned pool entries, the others are untouched
     torch.testing.assert_close(replaced[masks], pool.weight[assignment.reshape(-1)])
