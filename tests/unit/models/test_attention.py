@@ -147,3 +147,28 @@ def test_bad_layout_inputs_are_refused():
     with pytest.raises(ValueError, match="unknown attention variant"):
         build_attention_layout("diagonal", segment_ids=torch.ones(1, 4), visual_mask=torch.zeros(1, 4, dtype=torch.bool),
                                loss_mask=torch.zeros(1, 4))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose
+@pytest.mark.parametrize("variant", ["visual", "prefix"])
+def test_flex_block_mask_is_the_dense_mask(variant):
+    """The FlexAttention path's block mask comes from the same rule as the dense mask; eager
+    FlexAttention on the CPU (the GPU runs it compiled, tests/gpu) gives the same attention,
+    over several 128-blocks including a partial one, packed rows and padding."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    rows = [
+        [dict(prompt=30, image=True, question=20, answer=40), dict(prompt=5, image=True, question=9, answer=60)],
+        [dict(prompt=3, image=False, question=0, answer=90), dict(prompt=10, image=True, question=4, answer=20)],
+    ]
+    batch = synthetic_batch(num_image_tokens=64, image_size=8, vocab_size=50, seq_length=300, rows=rows)
+    layout = build_attention_layout(variant, segment_ids=batch["segment_ids"], visual_mask=batch["visual_mask"],
+                                    loss_mask=batch["loss_mask"], backend="flex")
+    assert layout.backend == "flex" and not layout.plain_causal
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 300, 16, generator=g)
+    k = torch.randn(2, 2, 300, 16, generator=g)
+    v = torch.randn(2, 2, 300, 16, generator=g)
+    got = flex_attention(q, k, v, block_mask=layout.block_mask(), scale=0.25, enable_gqa=True)
+    want = _explicit_attention(q.double(), k.double(), v.double(), layout.dense_mask(), 0.25)
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
