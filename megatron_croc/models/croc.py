@@ -383,7 +383,8 @@ class CrocModel(MegatronModule):
         visual tokens, mean over elements, over all or only the masked positions."""
         if self.sequence_parallel:
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden)
-        num_images = len(image_keys)  # one key per image, on the host (checked in _check_batch)
+        # one key per image, on the host (checked in _check_batch): no count read from the device
+        num_images = 0 if image_keys is None else len(image_keys)
         if num_images == 0:
             return 0.0 * sum(p.sum() for p in self.vtr_head.parameters())
         size = hidden.shape[-1]

@@ -99,6 +99,10 @@ def test_text_only_batch_keeps_every_trainable_parameter_in_the_graph(megatron_w
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, name
+    # direct callers may leave out the image keys of a text-only batch
+    batch = _batch(config, rows=rows, seq_length=16)
+    batch["image_keys"] = None
+    assert _run(model, config, batch)[2]["vtr loss"] == 0
 
 
 def test_prefetched_visual_work_gives_the_same_loss_and_gradients(megatron_world):
