@@ -74,12 +74,16 @@ def build_attention_layout(
     visual_mask: torch.Tensor,
     loss_mask: torch.Tensor,
     backend: Backend | None = None,
+    one_sample_per_row: bool | None = None,
 ) -> AttentionLayout:
     """Describe the attention of a micro-batch from its layout tensors (all [B, S]).
 
     ``segment_ids`` number the samples of each row 1, 2, ... (0 = padding), as the data
-    loader's collator does, so they never exceed S. ``loss_mask[t]`` marks that the token at t+1 is a supervised answer token (it is aligned
-    with the labels), so a segment's prompt prefix ends at the first t with ``loss_mask[t]``.
+    loader's collator does, so they never exceed S. ``loss_mask[t]`` marks that the token at
+    t+1 is a supervised answer token (it is aligned with the labels), so a segment's prompt
+    prefix ends at the first t with ``loss_mask[t]``. ``one_sample_per_row``: whether every
+    position belongs to sample 1 (no packing, no padding), when the caller knows it from the
+    host copy (training.step); otherwise the causal variant reads it back from the device.
     """
     if segment_ids.dim() != 2 or segment_ids.shape != visual_mask.shape:
         raise ValueError(
@@ -116,7 +120,9 @@ def build_attention_layout(
     t0 = torch.minimum(t0, seg_end)
     prefix_end = t0[flat].reshape(bsz, seq)
 
-    plain_causal = variant == "causal" and bool((seg == 1).all().item())
+    if variant == "causal" and one_sample_per_row is None:
+        one_sample_per_row = bool((seg == 1).all().item())  # a device sync on a GPU
+    plain_causal = variant == "causal" and bool(one_sample_per_row)
     return AttentionLayout(
         variant=variant,
         segment_ids=seg,

@@ -188,22 +188,28 @@ class CrocModel(MegatronModule):
         images: torch.Tensor | None = None,
         image_keys: torch.Tensor | None = None,
         visual_prefetch: VisualPrefetch | None = None,
+        visual_index: torch.Tensor | None = None,
     ):
         """One micro-batch.
 
         tokens/position_ids/labels/visual_mask: [B, S]; images: uint8 [N, 3, H, W] (first
         stage), one per visual span in row-major order; image_keys: int64 [N], the images'
         unique positions in the training stream (seeds their pool masks); visual_prefetch:
-        what :meth:`prefetch_visual` started for these images, if it was called.
+        what :meth:`prefetch_visual` started for these images, if it was called;
+        visual_index: int64 [N * T], ``visual_mask.flatten().nonzero()`` (flat ``row * S + t``
+        positions of the visual tokens, ascending) when the caller has it on the host already
+        (training.step does), so no stage reads the visual count back from the device.
 
         Returns the hidden states for the next stage, or on the last stage CrocOutputs (with
         labels) or logits [B, S, V] (without).
         """
-        self._check_batch(tokens, visual_mask, images, image_keys)
+        if visual_index is None:
+            visual_index = visual_mask.flatten().nonzero().squeeze(1)  # a device sync on a GPU
+        self._check_batch(tokens, visual_index.numel(), images, image_keys)
         targets = None
         decoder_input = None
         if self.pre_process:
-            decoder_input, targets = self._embed(tokens, position_ids, visual_mask, images, image_keys,
+            decoder_input, targets = self._embed(tokens, position_ids, visual_index, images, image_keys,
                                                  visual_prefetch)
         elif self.carries_targets:
             targets = self._passthrough
@@ -225,10 +231,10 @@ class CrocModel(MegatronModule):
         lm_loss, hidden = lm_output
         vtr_loss = None
         if self.vtr_head is not None:
-            vtr_loss = self._vtr_loss(hidden, targets, visual_mask, image_keys)
+            vtr_loss = self._vtr_loss(hidden, targets, visual_index, image_keys)
         return CrocOutputs(lm_loss_per_token=lm_loss, vtr_loss=vtr_loss)
 
-    def _check_batch(self, tokens, visual_mask, images, image_keys) -> None:
+    def _check_batch(self, tokens, num_visual: int, images, image_keys) -> None:
         if tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
             raise ValueError(f"empty or malformed batch: tokens of shape {tuple(tokens.shape)}")
         max_len = self.model_config.language.max_position_embeddings
@@ -237,7 +243,6 @@ class CrocModel(MegatronModule):
                 f"sequence length {tokens.shape[1]} exceeds the model's maximum "
                 f"{max_len} (max_position_embeddings); shorten --seq-length or the samples"
             )
-        num_visual = int(visual_mask.sum())
         if num_visual % self.num_image_tokens:
             raise ValueError(
                 f"{num_visual} visual positions in the batch is not a multiple of "
@@ -310,7 +315,7 @@ class CrocModel(MegatronModule):
             tp_group = parallel_state.get_tensor_model_parallel_group()
         return assign_async(cost, method=self.croc.matcher, solver=self.croc.assignment_solver, group=tp_group)
 
-    def _embed(self, tokens, position_ids, visual_mask, images, image_keys, prefetch):
+    def _embed(self, tokens, position_ids, visual_index, images, image_keys, prefetch):
         """Text embeddings with the (replaced) visual tokens spliced in at the visual positions.
         Returns decoder input [S(/tp), B, H] and, when the VTR head needs them, the targets."""
         embeddings = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)
@@ -331,9 +336,7 @@ class CrocModel(MegatronModule):
             if self.pool is not None:
                 targets = visual.detach()
                 visual = self.pool(visual, positions, assignment)
-            embeddings = embeddings.masked_scatter(
-                visual_mask.unsqueeze(-1), visual.to(embeddings.dtype).reshape(-1, hidden)
-            )
+            embeddings = _put_rows(embeddings, visual_index, visual.to(embeddings.dtype))
         else:
             # Text-only micro-batch: keep the first-stage-only parameters in the graph so that
             # overlapped gradient reduction sees every parameter and no rank waits forever.
@@ -346,7 +349,7 @@ class CrocModel(MegatronModule):
         if self.carries_targets:
             aligned = torch.zeros_like(embeddings)
             if targets is not None:
-                aligned = aligned.masked_scatter(visual_mask.unsqueeze(-1), targets.reshape(-1, hidden))
+                aligned = _put_rows(aligned, visual_index, targets)
             targets = aligned.transpose(0, 1).contiguous()
             if self.sequence_parallel:
                 targets = tensor_parallel.scatter_to_sequence_parallel_region(targets)
@@ -378,7 +381,7 @@ class CrocModel(MegatronModule):
             return logits[..., :vocab].transpose(0, 1).contiguous() if gathered else logits.transpose(0, 1)
         return compute_language_model_loss(labels, logits), hidden_states
 
-    def _vtr_loss(self, hidden, targets, visual_mask, image_keys) -> torch.Tensor:
+    def _vtr_loss(self, hidden, targets, visual_index, image_keys) -> torch.Tensor:
         """SmoothL1(beta) between the head's predictions at visual positions and the original
         visual tokens, mean over elements, over all or only the masked positions."""
         if self.sequence_parallel:
@@ -388,12 +391,13 @@ class CrocModel(MegatronModule):
         if num_images == 0:
             return 0.0 * sum(p.sum() for p in self.vtr_head.parameters())
         size = hidden.shape[-1]
-        visual_hidden = hidden.transpose(0, 1)[visual_mask].view(num_images, self.num_image_tokens, size)
+        shape = (num_images, self.num_image_tokens, size)
+        visual_hidden = _take_rows(hidden.transpose(0, 1), visual_index).view(shape)
         if self.carries_targets:
             aligned = targets.detach()
             if self.sequence_parallel:
                 aligned = tensor_parallel.gather_from_sequence_parallel_region(aligned)
-            targets = aligned.transpose(0, 1)[visual_mask].view(num_images, self.num_image_tokens, size)
+            targets = _take_rows(aligned.transpose(0, 1), visual_index).view(shape)
         prediction = self.vtr_head(visual_hidden.transpose(0, 1)).transpose(0, 1)  # [N, T, H]
         loss = F.smooth_l1_loss(
             prediction.float(), targets.float(), beta=self.croc.vtr_smooth_l1_beta, reduction="none"
@@ -402,6 +406,20 @@ class CrocModel(MegatronModule):
             positions = self._mask_positions(image_keys, loss.device)
             return loss.gather(1, positions.unsqueeze(-1).expand(-1, -1, size)).mean()
         return loss.mean()
+
+
+def _put_rows(sequence: torch.Tensor, flat_index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``sequence`` [B, S, H] with positions ``flat_index`` (row * S + t) replaced by ``rows``
+    (reshaped to [len(flat_index), H]); what ``masked_scatter`` with the visual mask does,
+    without the mask."""
+    bsz, seq, hidden = sequence.shape
+    return sequence.reshape(bsz * seq, hidden).index_copy(0, flat_index, rows.reshape(-1, hidden)).view(
+        bsz, seq, hidden)
+
+
+def _take_rows(sequence: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """Rows ``flat_index`` (row * S + t) of ``sequence`` [B, S, H], as [len(flat_index), H]."""
+    return sequence.reshape(-1, sequence.shape[-1]).index_select(0, flat_index)
 
 
 def croc_loss(outputs: CrocOutputs, loss_mask: torch.Tensor, config: ModelConfig):

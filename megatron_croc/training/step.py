@@ -28,10 +28,20 @@ HOST_INPUTS = ("image_sample_ids",)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's inputs on ``device`` (image keys stay on the host), plus what the step
+    would otherwise read back from the device, found on the host where the loader's batch is:
+    ``visual_index``, the visual positions as flat indices (their count is checked on every
+    stage), and ``one_sample_per_row`` (plain causal attention needs no mask)."""
     missing = [k for k in MODEL_INPUTS if k not in batch]
     if missing:
         raise KeyError(f"the batch lacks {missing}; is the data loader megatron_croc.data's?")
-    return {k: batch[k] if k in HOST_INPUTS else batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
+    moved = {k: batch[k] if k in HOST_INPUTS else batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
+    visual_index = batch["visual_mask"].flatten().nonzero().squeeze(1)
+    if torch.device(device).type == "cuda" and not visual_index.is_cuda:
+        visual_index = visual_index.pin_memory()  # so the copy does not wait for the device
+    moved["visual_index"] = visual_index.to(device, non_blocking=True)
+    moved["one_sample_per_row"] = bool((batch["segment_ids"] == 1).all())
+    return moved
 
 
 class StepStats:
@@ -107,6 +117,7 @@ def make_forward_step(model_config: ModelConfig, device: torch.device, stats: St
         layout = build_attention_layout(
             model_config.croc.attention_variant, segment_ids=batch["segment_ids"],
             visual_mask=batch["visual_mask"], loss_mask=batch["loss_mask"],
+            one_sample_per_row=batch["one_sample_per_row"],
         )
         if croc_model.post_process:  # counted where the losses are reported
             stats.num_images += len(batch["image_sample_ids"])  # one key per image, on the host
@@ -115,7 +126,7 @@ def make_forward_step(model_config: ModelConfig, device: torch.device, stats: St
             tokens=batch["tokens"], position_ids=batch["position_ids"], layout=layout,
             visual_mask=batch["visual_mask"], labels=batch["labels"],
             images=batch["images"] if croc_model.pre_process else None,
-            image_keys=batch["image_sample_ids"], visual_prefetch=prefetch,
+            image_keys=batch["image_sample_ids"], visual_prefetch=prefetch, visual_index=batch["visual_index"],
         )
         return output, partial(_loss_func, batch["loss_mask"], model_config, stats, inject_nonfinite)
 

@@ -113,6 +113,9 @@ def test_plain_causal_is_detected_only_without_padding_and_packing():
     padded[1, 6:] = 0
     assert not build_attention_layout("causal", segment_ids=padded, **args).plain_causal
     assert not build_attention_layout("visual", segment_ids=full, **args).plain_causal
+    # a caller that knows it from the host copy says so; the tensors are then not read
+    assert build_attention_layout("causal", segment_ids=full, one_sample_per_row=True, **args).plain_causal
+    assert not build_attention_layout("causal", segment_ids=full, one_sample_per_row=False, **args).plain_causal
 
 
 def _explicit_attention(q, k, v, mask, scale):

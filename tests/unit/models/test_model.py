@@ -25,7 +25,7 @@ def _batch(config, rows=ROWS, seq_length=48, seed=0):
     )
 
 
-def _run(model, config, batch, *, backward=True, visual_prefetch=None):
+def _run(model, config, batch, *, backward=True, visual_prefetch=None, visual_index=None):
     layout = build_attention_layout(
         config.croc.attention_variant, segment_ids=batch["segment_ids"],
         visual_mask=batch["visual_mask"], loss_mask=batch["loss_mask"],
@@ -33,7 +33,7 @@ def _run(model, config, batch, *, backward=True, visual_prefetch=None):
     out = model(
         tokens=batch["tokens"], position_ids=batch["position_ids"], layout=layout,
         visual_mask=batch["visual_mask"], labels=batch["labels"], images=batch["images"],
-        image_keys=batch["image_keys"], visual_prefetch=visual_prefetch,
+        image_keys=batch["image_keys"], visual_prefetch=visual_prefetch, visual_index=visual_index,
     )
     loss, parts = croc_loss(out, batch["loss_mask"], config)
     if backward:
@@ -124,6 +124,21 @@ def test_prefetched_visual_work_gives_the_same_loss_and_gradients(megatron_world
     with pytest.raises(ValueError, match="other images"):
         _run(model, config, _batch(config, seed=1), visual_prefetch=prefetch, backward=False)
     assert model.prefetch_visual(batch["images"][:0], batch["image_keys"][:0]) is None
+
+
+def test_visual_index_from_the_host_gives_the_same_step(megatron_world):
+    config, model = _model("croc", vtr_loss_positions="masked")
+    batch = _batch(config)
+    _, loss, _ = _run(model, config, batch)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    index = batch["visual_mask"].flatten().nonzero().squeeze(1)
+    _, loss_indexed, _ = _run(model, config, batch, visual_index=index)
+    assert torch.equal(loss_indexed, loss)
+    for name, grad in grads.items():
+        assert torch.equal(dict(model.named_parameters())[name].grad, grad), name
+    with pytest.raises(ValueError, match="not a multiple of"):
+        _run(model, config, batch, visual_index=index[:-1], backward=False)
 
 
 @pytest.mark.parametrize("setting", ["nearest", "gpu solver", "align", "unfrozen encoder"])

@@ -105,14 +105,19 @@ def test_lookahead_is_off_where_it_would_not_help(megatron_world):
     assert events == ["read 0", "forward", "read 1", "forward"]
 
 
-def test_image_keys_stay_on_the_host():
-    """The pool masks are drawn on the host from the image keys; on a GPU, keys moved to the
-    device would cost a sync per micro-batch to read back."""
+def test_image_keys_stay_on_the_host_and_visual_positions_are_found_there():
+    """The pool masks are drawn on the host from the image keys, and the visual positions are
+    indexed there; on a GPU, reading either back from the device costs a sync per micro-batch."""
     from megatron_croc.training.step import MODEL_INPUTS, to_device
 
     config = model_preset("tiny")
     batch = next(LoggedBatches(config, []))
     moved = to_device(batch, torch.device("meta"))
-    assert set(moved) == set(MODEL_INPUTS)
+    assert set(moved) == set(MODEL_INPUTS) | {"visual_index", "one_sample_per_row"}
     assert moved["image_sample_ids"] is batch["image_sample_ids"]
-    assert all(v.is_meta for k, v in moved.items() if k != "image_sample_ids")
+    assert all(v.is_meta for k, v in moved.items() if k not in ("image_sample_ids", "one_sample_per_row"))
+    assert moved["one_sample_per_row"] is False  # ROWS pack two samples in row 1
+    # the visual positions, found on the host: what the model would otherwise read back
+    host = to_device(batch, torch.device("cpu"))
+    assert torch.equal(host["visual_index"], batch["visual_mask"].flatten().nonzero().squeeze(1))
+    assert host["visual_index"].numel() == len(batch["image_sample_ids"]) * config.vision.num_image_tokens
