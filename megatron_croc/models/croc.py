@@ -321,7 +321,6 @@ class CrocModel(MegatronModule):
         embeddings = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)
         embeddings = embeddings.transpose(0, 1)  # [B, S, H]
         targets = None
-        hidden = embeddings.shape[-1]
         if images is not None and images.shape[0] > 0:
             if prefetch is not None:
                 if prefetch.images is not images:
