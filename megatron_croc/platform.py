@@ -33,6 +33,7 @@ __all__ = [
     "apex_available",
     "CPU_SHIMS",
     "cpu_shims_active",
+    "host_to_device",
 ]
 
 
@@ -121,6 +122,14 @@ def get_platform() -> Platform:
 
 def cpu_shims_active() -> bool:
     return any(s.applied for s in CPU_SHIMS.values())
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device`` without the host waiting for the device: a host tensor bound for
+    a GPU is pinned first (a copy from pageable memory may wait for the stream)."""
+    if torch.device(device).type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ import torch
 import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
 
+from megatron_croc.platform import host_to_device
+
 __all__ = ["PendingAssignment", "assign", "assign_async", "resolve_solver"]
 
 logger = logging.getLogger(__name__)
@@ -282,28 +284,15 @@ def _scipy_assign_async(cost: torch.Tensor, split: tuple[dist.ProcessGroup, int]
         # a CPU cost tensor is computed already; keep a reference, not a copy
         host = cost if cost.device.type == "cpu" else cost.cpu()
     matrices = host.numpy()
-    if b <= 1 and ready is None:
-        # nothing to overlap: solve here, without a thread hand-over
-        return PendingAssignment(futures=[_done(_solve_after(None, m)) for m in matrices], shape=(b, n),
-                                 device=cost.device, split=split)
     pool = _thread_pool()
     futures = [pool.submit(_solve_after, ready, matrices[i]) for i in range(b)]
     # ``host`` stays alive through the futures' references to its rows.
     return PendingAssignment(futures=futures, shape=(b, n), device=cost.device, split=split)
 
 
-def _done(value) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future
-
-
 def _columns_tensor(cols: list[np.ndarray], shape: tuple[int, int], device: torch.device) -> torch.Tensor:
     out = np.stack(cols) if cols else np.zeros(shape, dtype=np.int64)
-    host = torch.from_numpy(out.astype(np.int64, copy=False))
-    if device.type == "cuda":  # pinned: the copy to the GPU does not stall this thread
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+    return host_to_device(torch.from_numpy(out.astype(np.int64, copy=False)), device)
 
 
 # ----------------------------------------------------------------------------------------------

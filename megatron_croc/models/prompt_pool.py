@@ -13,6 +13,8 @@ import hashlib
 import torch
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_croc.platform import host_to_device
+
 
 
 def _mask_seed(seed: int, key: int) -> int:
@@ -36,9 +38,7 @@ def draw_mask_positions(
         generator = torch.Generator().manual_seed(_mask_seed(seed, int(key)))
         rows.append(torch.randperm(num_tokens, generator=generator)[:num_masked].sort().values)
     positions = torch.stack(rows) if rows else torch.zeros(0, num_masked, dtype=torch.long)
-    if torch.device(device).type == "cuda":  # pinned: the copy does not wait for the device
-        return positions.pin_memory().to(device, non_blocking=True)
-    return positions.to(device)
+    return host_to_device(positions, device)
 
 
 class PromptPool(MegatronModule):

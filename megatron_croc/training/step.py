@@ -10,6 +10,7 @@ import torch
 from megatron_croc.config import ModelConfig
 from megatron_croc.models.attention import build_attention_layout
 from megatron_croc.models.croc import CrocModel, CrocOutputs, croc_loss
+from megatron_croc.platform import host_to_device
 
 # What the model needs from a collated batch (megatron_croc.data.dataset.BatchCollator).
 MODEL_INPUTS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "visual_mask", "images",
@@ -35,11 +36,8 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Te
     missing = [k for k in MODEL_INPUTS if k not in batch]
     if missing:
         raise KeyError(f"the batch lacks {missing}; is the data loader megatron_croc.data's?")
-    moved = {k: batch[k] if k in HOST_INPUTS else batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
-    visual_index = batch["visual_mask"].flatten().nonzero().squeeze(1)
-    if torch.device(device).type == "cuda" and not visual_index.is_cuda:
-        visual_index = visual_index.pin_memory()  # so the copy does not wait for the device
-    moved["visual_index"] = visual_index.to(device, non_blocking=True)
+    moved = {k: batch[k] if k in HOST_INPUTS else host_to_device(batch[k], device) for k in MODEL_INPUTS}
+    moved["visual_index"] = host_to_device(batch["visual_mask"].flatten().nonzero().squeeze(1), device)
     moved["one_sample_per_row"] = bool((batch["segment_ids"] == 1).all())
     return moved
 

@@ -126,3 +126,11 @@ def test_init_platform_is_idempotent(megatron_world):
 
 if __name__ == "__main__":
     print(json.dumps(_run_probes()))
+
+
+def test_host_to_device_keeps_host_tensors_in_place_on_the_cpu():
+    from megatron_croc.platform import host_to_device
+
+    t = torch.arange(6)
+    assert host_to_device(t, "cpu") is t
+    assert host_to_device(t, torch.device("meta")).is_meta
