@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (  # noqa: E402
-    BenchInterrupted, device_name, emit_json, median, raise_recompile_limit, stop_on_sigterm, synchronize, time_ms,
+    BenchInterrupted, device_name, emit_json, median, stop_on_sigterm, synchronize, time_ms,
 )
 
 
@@ -286,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
     iters = args.iters if args.iters is not None else (2 if tiny else 20)
     builds = args.builds if args.builds is not None else (2 if tiny else 5)
+    from megatron_croc.models.attention import raise_recompile_limit
+
     raise_recompile_limit()
 
     print(f"bench_attention on {device_name(device)}; torch {torch.__version__}; {args.dtype}; "

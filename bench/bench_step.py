@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (  # noqa: E402
-    BenchInterrupted, device_name, emit_json, host_syncs, median, raise_recompile_limit, stop_on_sigterm, synchronize,
+    BenchInterrupted, device_name, emit_json, host_syncs, median, stop_on_sigterm, synchronize,
     time_ms,
 )
 
@@ -609,6 +609,8 @@ def _init(args) -> torch.device:
 
     platform = init_platform(force_cpu=args.device == "cpu")
     init_distributed(seed=args.seed)
+    from megatron_croc.models.attention import raise_recompile_limit
+
     raise_recompile_limit()
     return platform.device
 

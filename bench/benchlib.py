@@ -19,18 +19,6 @@ import torch
 
 
 
-def raise_recompile_limit(limit: int = 64) -> None:
-    """torch.compile gives up after 8 graphs per function (then runs it *eagerly*, silently
-    slow). A benchmark compiles FlexAttention for many shapes and variants in one process."""
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    if hasattr(cfg, "recompile_limit"):
-        cfg.recompile_limit = max(cfg.recompile_limit, limit)
-    else:  # older torch
-        cfg.cache_size_limit = max(cfg.cache_size_limit, limit)
-
-
 class BenchInterrupted(BaseException):
     """SIGTERM (e.g. from `timeout`): stop measuring, print what was measured, exit non-zero.
     A BaseException so that per-row ``except Exception`` handlers do not swallow it."""

@@ -161,10 +161,20 @@ def _dense_mask(layout: AttentionLayout) -> torch.Tensor:
     return _allowed(layout, b, q, k)
 
 
+def raise_recompile_limit(limit: int = 64) -> None:
+    """Every (shape, variant, dtype, GQA) of the compiled FlexAttention functions is a graph of
+    its own; past dynamo's default of 8 per function they would silently run eagerly (dense and
+    slow). Called by the compiled functions below, and by benchmarks and tests that compile many."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+
 @functools.cache
 def _compiled_create_block_mask():
     from torch.nn.attention.flex_attention import create_block_mask
 
+    raise_recompile_limit()
     # Eager create_block_mask costs ~7 ms per call (more than a layer's attention);
     # compiled it is ~0.1-0.4 ms (GPU_NOTES.md).
     return torch.compile(create_block_mask)
@@ -172,12 +182,9 @@ def _compiled_create_block_mask():
 
 @functools.cache
 def _compiled_flex_attention():
-    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
-    # Every (shape, variant, dtype, GQA) is a graph of its own; past dynamo's default of 8 it
-    # would silently fall back to eager FlexAttention, which is dense and slow.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    raise_recompile_limit()
     return torch.compile(flex_attention, dynamic=False)
 
 

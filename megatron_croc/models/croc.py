@@ -206,11 +206,10 @@ class CrocModel(MegatronModule):
         if visual_index is None:
             visual_index = visual_mask.flatten().nonzero().squeeze(1)  # a device sync on a GPU
         self._check_batch(tokens, visual_index.numel(), images, image_keys)
-        targets = None
-        decoder_input = None
+        targets = decoder_input = positions = None
         if self.pre_process:
-            decoder_input, targets = self._embed(tokens, position_ids, visual_index, images, image_keys,
-                                                 visual_prefetch)
+            decoder_input, targets, positions = self._embed(tokens, position_ids, visual_index, images, image_keys,
+                                                            visual_prefetch)
         elif self.carries_targets:
             targets = self._passthrough
 
@@ -231,7 +230,7 @@ class CrocModel(MegatronModule):
         lm_loss, hidden = lm_output
         vtr_loss = None
         if self.vtr_head is not None:
-            vtr_loss = self._vtr_loss(hidden, targets, visual_index, image_keys)
+            vtr_loss = self._vtr_loss(hidden, targets, visual_index, image_keys, positions)
         return CrocOutputs(lm_loss_per_token=lm_loss, vtr_loss=vtr_loss)
 
     def _check_batch(self, tokens, num_visual: int, images, image_keys) -> None:
@@ -298,43 +297,45 @@ class CrocModel(MegatronModule):
             return None
         with torch.no_grad():
             features = self.vision.encode(images)
-            positions = self._mask_positions(image_keys, images.device)
             # The forward projects the same features with the same weights: the same tokens,
             # so the same costs and the same optimal assignment as if solved there.
-            cost = self.pool.cost(self.vision.project(features), positions)
-        return VisualPrefetch(images=images, features=features, positions=positions,
-                              assignment=self._start_assignment(cost))
+            positions, assignment = self._start_pool(self.vision.project(features), image_keys)
+        return VisualPrefetch(images=images, features=features, positions=positions, assignment=assignment)
 
-    def _start_assignment(self, cost: torch.Tensor) -> PendingAssignment:
-        """Start solving the assignment for ``cost`` [N, n_masked, pool_size]. The costs are
-        the same on every tensor-parallel rank (replicated pool, all-reduced visual tokens), so
-        on the host solver each rank solves every TP-th image and they exchange the results:
-        1/TP of the host work per rank, and one assignment shared by all of them."""
+    def _start_pool(self, visual: torch.Tensor, image_keys: torch.Tensor) -> tuple[torch.Tensor, PendingAssignment]:
+        """The positions each image has replaced, and the assignment of pool entries to them
+        being solved. The costs are the same on every tensor-parallel rank (replicated pool,
+        all-reduced visual tokens), so on the host solver each rank solves every TP-th image
+        and they exchange the results: 1/TP of the host work per rank, one shared assignment."""
+        positions = self._mask_positions(image_keys, visual.device)
         tp_group = None
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             tp_group = parallel_state.get_tensor_model_parallel_group()
-        return assign_async(cost, method=self.croc.matcher, solver=self.croc.assignment_solver, group=tp_group)
+        assignment = assign_async(self.pool.cost(visual, positions), method=self.croc.matcher,
+                                  solver=self.croc.assignment_solver, group=tp_group)
+        return positions, assignment
 
     def _embed(self, tokens, position_ids, visual_index, images, image_keys, prefetch):
         """Text embeddings with the (replaced) visual tokens spliced in at the visual positions.
-        Returns decoder input [S(/tp), B, H] and, when the VTR head needs them, the targets."""
+        Returns decoder input [S(/tp), B, H], the targets when the VTR head needs them, and the
+        pool's replaced positions (None without the pool or images)."""
         embeddings = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)
         embeddings = embeddings.transpose(0, 1)  # [B, S, H]
-        targets = None
+        targets = positions = None
         if images is not None and images.shape[0] > 0:
+            assignment = None
             if prefetch is not None:
                 if prefetch.images is not images:
                     raise ValueError("visual_prefetch was made for other images than this micro-batch's")
-                visual = self.vision.project(prefetch.features)
-                positions, assignment = prefetch.positions, prefetch.assignment.result()
+                features, positions, assignment = prefetch.features, prefetch.positions, prefetch.assignment
             else:
-                visual = self.vision(images)  # [N, T, H], unit norm
-                if self.pool is not None:
-                    positions = self._mask_positions(image_keys, visual.device)
-                    assignment = self._start_assignment(self.pool.cost(visual, positions)).result()
+                features = self.vision.encode(images)
+            visual = self.vision.project(features)  # [N, T, H], unit norm
             if self.pool is not None:
+                if assignment is None:
+                    positions, assignment = self._start_pool(visual, image_keys)
                 targets = visual.detach()
-                visual = self.pool(visual, positions, assignment)
+                visual = self.pool(visual, positions, assignment.result())
             embeddings = _put_rows(embeddings, visual_index, visual.to(embeddings.dtype))
         else:
             # Text-only micro-batch: keep the first-stage-only parameters in the graph so that
@@ -352,7 +353,7 @@ class CrocModel(MegatronModule):
             targets = aligned.transpose(0, 1).contiguous()
             if self.sequence_parallel:
                 targets = tensor_parallel.scatter_to_sequence_parallel_region(targets)
-        return decoder_input, targets
+        return decoder_input, targets, positions
 
     def _first_stage_params(self):
         for module in (self.vision, self.pool):
@@ -380,9 +381,10 @@ class CrocModel(MegatronModule):
             return logits[..., :vocab].transpose(0, 1).contiguous() if gathered else logits.transpose(0, 1)
         return compute_language_model_loss(labels, logits), hidden_states
 
-    def _vtr_loss(self, hidden, targets, visual_index, image_keys) -> torch.Tensor:
+    def _vtr_loss(self, hidden, targets, visual_index, image_keys, positions) -> torch.Tensor:
         """SmoothL1(beta) between the head's predictions at visual positions and the original
-        visual tokens, mean over elements, over all or only the masked positions."""
+        visual tokens, mean over elements, over all or only the masked positions (``positions``
+        when this chunk drew them already, as the first stage, else drawn here from the keys)."""
         if self.sequence_parallel:
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden)
         # one key per image, on the host (checked in _check_batch): no count read from the device
@@ -398,13 +400,12 @@ class CrocModel(MegatronModule):
                 aligned = tensor_parallel.gather_from_sequence_parallel_region(aligned)
             targets = _take_rows(aligned.transpose(0, 1), visual_index).view(shape)
         prediction = self.vtr_head(visual_hidden.transpose(0, 1)).transpose(0, 1)  # [N, T, H]
-        loss = F.smooth_l1_loss(
-            prediction.float(), targets.float(), beta=self.croc.vtr_smooth_l1_beta, reduction="none"
-        )
         if self.croc.vtr_loss_positions == "masked":
-            positions = self._mask_positions(image_keys, loss.device)
-            return loss.gather(1, positions.unsqueeze(-1).expand(-1, -1, size)).mean()
-        return loss.mean()
+            if positions is None:
+                positions = self._mask_positions(image_keys, prediction.device)
+            index = positions.unsqueeze(-1).expand(-1, -1, size)
+            prediction, targets = prediction.gather(1, index), targets.gather(1, index)
+        return F.smooth_l1_loss(prediction.float(), targets.float(), beta=self.croc.vtr_smooth_l1_beta)
 
 
 def _put_rows(sequence: torch.Tensor, flat_index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -134,8 +134,10 @@ def assign_async(cost: torch.Tensor, *, method: str = "hungarian", solver: str =
     if method not in _METHODS:
         raise ValueError(f"unknown assignment method {method!r}; expected one of {_METHODS}")
     solver = resolve_solver(solver)
-    on_host = method == "hungarian" and solver == "scipy"
-    _validate(cost, values=not on_host)
+    # Only the batched solver checks the costs on the device (it needs them finite to grid
+    # them; a sync). The scipy path checks them on the host; with "nearest" a NaN cost shows
+    # as a non-finite loss, which training reports and skips.
+    _validate(cost, values=method == "hungarian" and solver == "gpu")
     cost = cost.detach()
     if method == "nearest":
         return PendingAssignment(ready=cost.argmin(dim=2))
@@ -226,20 +228,17 @@ class PendingAssignment:
         if self._ready is None:
             cols = [f.result() for f in self._futures]
             bad = [i for i, c in enumerate(cols) if c is None]
-            if self._split is None:
-                if bad:
-                    _raise_nonfinite(bad)
-                self._ready = _columns_tensor(cols, self._shape, self._device)
-            else:
+            placeholder = np.zeros(self._shape[1], dtype=np.int64)
+            columns = _columns_tensor([placeholder if c is None else c for c in cols], self._shape, self._device)
+            size, rank = 1, 0
+            if self._split is not None:
                 group, batch = self._split
                 size, rank = dist.get_world_size(group), dist.get_rank(group)
-                placeholder = np.zeros(self._shape[1], dtype=np.int64)
-                local = _columns_tensor([placeholder if c is None else c for c in cols], self._shape, self._device)
-                # Gather first, so no rank waits in the collective for one that raised.
-                self._ready = _gather_interleaved(local, batch=batch, group=group)
-                if bad:  # this rank's samples rank, rank + size, ...
-                    _raise_nonfinite([rank + size * i for i in bad])
-            self._futures = None
+                # Gather before raising, so no rank waits in the collective for one that raised.
+                columns = _gather_interleaved(columns, batch=batch, group=group)
+            if bad:  # this rank's samples are rank, rank + size, ...
+                _raise_nonfinite([rank + size * i for i in bad])
+            self._ready, self._futures = columns, None
         return self._ready
 
 
