@@ -56,8 +56,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (  # noqa: E402
-    BenchInterrupted, device_name, emit_json, host_syncs, median, stop_on_sigterm, synchronize,
-    time_ms,
+    BenchInterrupted, device_name, emit_json, host_syncs, median, stop_on_sigterm, synchronize, time_ms, wall_ms,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -172,19 +171,20 @@ def build_croc(model_config, *, use_te: bool):
     return CrocModel(model_config, pre_process=True, post_process=True, use_te=use_te)
 
 
-def _gpt_loss(loss_mask, output):
-    mask = loss_mask.float()
-    loss = (output.float() * mask).sum() / mask.sum().clamp(min=1.0)
-    return loss, {"lm loss": loss.detach()}
+def _gpt_loss(loss_mask, model_config, output):
+    """The Croc step's LM loss (croc_loss without a VTR part), so both rows report alike."""
+    from megatron_croc.models.croc import CrocOutputs, croc_loss
+
+    return croc_loss(CrocOutputs(lm_loss_per_token=output, vtr_loss=None), loss_mask, model_config)
 
 
-def gpt_forward_step(device):
+def gpt_forward_step(model_config, device):
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         tokens, labels, position_ids, loss_mask = (
             batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "position_ids", "loss_mask"))
         output = model(input_ids=tokens, position_ids=position_ids, attention_mask=None, labels=labels)
-        return output, partial(_gpt_loss, loss_mask)
+        return output, partial(_gpt_loss, loss_mask, model_config)
 
     return forward_step
 
@@ -227,7 +227,7 @@ def time_training_steps(ddp, model_config, forward_step, batch, args, device) ->
             num_microbatches=args.num_microbatches, seq_length=args.seq_length,
             micro_batch_size=args.micro_batch_size, forward_only=False,
         )
-        ok, grad_norm, _ = optimizer.step()
+        ok, _, _ = optimizer.step()
         if reduced:
             losses.append(float(sum(float(v) for v in reduced[-1].values())))
         return ok
@@ -248,7 +248,6 @@ def time_training_steps(ddp, model_config, forward_step, batch, args, device) ->
     syncs = host_syncs(lambda: forward_backward(
         forward_step_func=forward_step, data_iterator=data, model=[ddp], num_microbatches=args.num_microbatches,
         seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, forward_only=False), device)
-    del optimizer
     return {"step_s": median(times), "first_step_s": first_step_s, "step_times_s": times,
             "last_loss": losses[-1] if losses else float("nan"), "host_syncs": syncs}
 
@@ -284,7 +283,6 @@ def matmul_tflops(device, dtype, n: int) -> float:
 def croc_components(ddp, model_config, batch, args, device) -> dict:
     """Each component of the Croc micro-batch alone, at the step's shapes, with the live model."""
     from megatron_croc.models.attention import attention, build_attention_layout
-    from megatron_croc.models.matching import assign
     from megatron_croc.training.step import unwrap
 
     model = unwrap(ddp)
@@ -305,25 +303,27 @@ def croc_components(ddp, model_config, batch, args, device) -> dict:
     out["vision_ms"] = median(time_ms(lambda: model.vision(images).backward(grad), device=device,
                                       warmup=warm, iters=iters))
 
-    # assignment: what the step runs (cdist + solve + replace), then the solver alone vs scipy
+    # assignment as the forward runs it without the look-ahead (positions, cost, solve, replace),
+    # then the solver alone vs scipy
     with torch.no_grad():
         visual = model.vision(images)
-        positions = model._mask_positions(keys, device)
-        croc = model_config.croc
-        out["step_solver"] = croc.assignment_solver
-        out["pool_forward_ms"] = median(time_ms(
-            lambda: model.pool(visual, positions, assign(model.pool.cost(visual, positions), method=croc.matcher,
-                                                         solver=croc.assignment_solver)),
-            device=device, warmup=warm, iters=iters))
-        cost = model.pool.cost(visual, positions)
+        out["step_solver"] = model_config.croc.assignment_solver
+
+        def pool_forward():
+            positions, assignment = model._start_pool(visual, keys)
+            return model.pool(visual, positions, assignment.result())
+
+        out["pool_forward_ms"] = median(time_ms(pool_forward, device=device, warmup=warm, iters=iters))
+        cost = model.pool.cost(visual, model._mask_positions(keys, device))
     out["cost_shape"] = list(cost.shape)
-    out.update(assignment_comparison(cost, assign, device, tiny=args.tiny))
+    out.update(assignment_comparison(cost, device, tiny=args.tiny))
 
     # attention: every LLM layer's core attention with this micro-batch's layout, and the VTR layer
-    layout = build_attention_layout(croc.attention_variant, segment_ids=seg, visual_mask=vis, loss_mask=loss_mask)
+    variant = model_config.croc.attention_variant
+    layout = build_attention_layout(variant, segment_ids=seg, visual_mask=vis, loss_mask=loss_mask)
     out["attention_backend"] = layout.backend
     out["mask_build_ms"] = median(time_ms(
-        lambda: _build_mask(croc.attention_variant, seg, vis, loss_mask), device=device, warmup=1, iters=iters))
+        lambda: _build_mask(variant, seg, vis, loss_mask), device=device, warmup=1, iters=iters))
     heads, groups, dim = lm.num_attention_heads, lm.num_query_groups, lm.kv_channels
     scale = dim**-0.5
     bsz, seq = seg.shape
@@ -371,41 +371,23 @@ def _attention_ms(fn, seq, bsz, heads, groups, dim, dtype, device, warm, iters) 
     return median(time_ms(run, device=device, warmup=warm, iters=iters))
 
 
-def assignment_comparison(cost, assign, device, *, tiny: bool) -> dict:
-    """GPU solver vs scipy on one micro-batch's cost [N, n, K]: time and optimal-cost agreement."""
-    import numpy as np
-    from scipy.optimize import linear_sum_assignment
+def assignment_comparison(cost, device, *, tiny: bool) -> dict:
+    """The solvers vs serial scipy on one micro-batch's cost [N, n, K]: wall time (they wait on
+    the host) and agreement with scipy's optimal total cost."""
+    from bench_assignment import serial_scipy, totals
 
-    out: dict[str, object] = {}
-    cost_np = cost.detach().double().cpu().numpy()
+    from megatron_croc.models.matching import assign
+
     reps = 2 if tiny else 5
-
-    def serial():
-        return [linear_sum_assignment(c) for c in cost_np]
-
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        ref = serial()
-    out["scipy_serial_ms"] = (time.perf_counter() - t0) / reps * 1e3
-    ref_total = np.array([c[r, col].sum() for c, (r, col) in zip(cost_np, ref)])
-
-    def total_of(assignment):
-        a = assignment.detach().long().cpu()
-        if a.shape != cost.shape[:2]:
-            raise ValueError(f"assignment of shape {tuple(a.shape)} for cost {tuple(cost.shape)}")
-        unique = all(len(set(row.tolist())) == len(row) for row in a)
-        totals = torch.gather(torch.from_numpy(cost_np), 2, a.unsqueeze(-1)).squeeze(-1).sum(-1).numpy()
-        return totals, unique
-
+    out: dict[str, object] = {}
+    out["scipy_serial_ms"], reference = wall_ms(lambda: serial_scipy(cost), device=device, repeat=reps)
+    ref_total = totals(cost, reference)
     for solver in ("scipy", "gpu"):
         try:
-            result = assign(cost, method="hungarian", solver=solver)
-            times = time_ms(lambda: assign(cost, method="hungarian", solver=solver), device=device,
-                            warmup=1, iters=reps)
-            totals, unique = total_of(result)
-            out[f"{solver}_ms"] = median(times)
-            out[f"{solver}_one_to_one"] = unique
-            out[f"{solver}_max_rel_cost_diff"] = float(np.max(np.abs(totals - ref_total) / np.abs(ref_total)))
+            out[f"{solver}_ms"], cols = wall_ms(lambda: assign(cost, method="hungarian", solver=solver),
+                                                device=device, repeat=reps)
+            out[f"{solver}_one_to_one"] = all(len(set(row.tolist())) == len(row) for row in cols.cpu())
+            out[f"{solver}_max_rel_cost_diff"] = float(((totals(cost, cols) - ref_total).abs() / ref_total.abs()).max())
         except Exception as err:  # reported in the table, the rest of the benchmark goes on
             out[f"{solver}_error"] = f"{type(err).__name__}: {err}"
     return out
@@ -432,7 +414,7 @@ def run_row(name, *, kind, model_config, args, batch, device, use_te, spec="ours
     torch.manual_seed(args.seed)
     if kind == "gpt":
         chunk = build_gpt(model_config, spec=spec, use_te=use_te)
-        forward_step = gpt_forward_step(device)
+        forward_step = gpt_forward_step(model_config, device)
         num_images = 0
     else:
         chunk = build_croc(model_config, use_te=use_te)
