@@ -130,7 +130,7 @@ def main() -> int:
     results = []
     for w in [int(x) for x in args.workers.split(",")]:
         for storage in ("pixels", "encoded"):
-            cfg = DataLoaderConfig(data_path=[prefixes[storage]], seq_length=args.seq_length, num_image_tokens=576,
+            cfg = DataLoaderConfig(data_path=[(None, prefixes[storage])], seq_length=args.seq_length, num_image_tokens=576,
                                    micro_batch_size=mbs, global_batch_size=mbs, seed=0, num_workers=w)
             rate = time_iter(iter(build_data_loader(cfg, dp_rank=0, dp_size=1)), batches, mbs)
             results.append((f"ours, indexed ({storage})", w, rate))

@@ -283,9 +283,9 @@ def matmul_tflops(device, dtype, n: int) -> float:
 def croc_components(ddp, model_config, batch, args, device) -> dict:
     """Each component of the Croc micro-batch alone, at the step's shapes, with the live model."""
     from megatron_croc.models.attention import attention, build_attention_layout
-    from megatron_croc.training.step import unwrap
+    from megatron.core.utils import unwrap_model
 
-    model = unwrap(ddp)
+    model = unwrap_model(ddp)
     dtype = model_config.params_dtype
     lm = model_config.language
     warm, iters = (1, 3) if args.tiny else (2, 10)

@@ -72,6 +72,12 @@ class LanguageModelConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+# Parameter-name prefixes of the modules CrocModel builds only in the comprehension stage
+# (CrocConfig.uses_pool): a checkpoint of another stage lacks them (they then keep their fresh
+# initialisation, align -> croc), and HF exports keep them beside the LLaVA weights.
+STAGE_SPECIFIC_PREFIXES = ("pool.", "vtr_head.")
+
+
 @dataclass(frozen=True, kw_only=True)
 class CrocConfig:
     """The cross-modal comprehension method (SPEC §1.2–1.5) and the stage being trained."""
@@ -240,7 +246,7 @@ def validate(config: ModelConfig, *, has_te: bool, has_apex: bool) -> None:
     vp = config.parallel.virtual_pipeline_model_parallel_size or 1
     for what, value in (
         ("attention heads", lm.num_attention_heads),
-        ("query groups (--num-query-groups)", lm.num_query_groups),
+        ("query groups (the preset's num_query_groups)", lm.num_query_groups),
         ("FFN hidden size", lm.ffn_hidden_size),
         ("vision attention heads", config.vision.num_attention_heads),
         ("vision FFN hidden size", config.vision.ffn_hidden_size),

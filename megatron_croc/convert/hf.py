@@ -52,6 +52,7 @@ from megatron_croc.config import (
     ModelConfig,
     ParallelConfig,
     PrecisionConfig,
+    STAGE_SPECIFIC_PREFIXES,
     VisionConfig,
     model_preset,
     validate,
@@ -59,7 +60,6 @@ from megatron_croc.config import (
 from megatron_croc.convert.mappings import (
     HF_LM_HEAD,
     HF_VISION,
-    STAGE_SPECIFIC_PREFIXES,
     MappingEngine,
     croc_extras_mappings,
     croc_llava_mappings,
@@ -939,16 +939,20 @@ def megatron_to_hf(
         raise ConvertError(f"{ckpt} does not match the model ({model}):\n  " + "\n  ".join(problems[:20]))
     out_dtype = _export_dtype(dtype, record, reader, names)
 
-    # -- tokenizer and the <image> token --
+    # -- tokenizer, image processor and the <image> token: loaded before anything is written --
     tok_path = Path(tokenizer) if tokenizer else (llm_path if llm_path and _has_tokenizer(llm_path) else None)
     tok = None
     if tok_path is not None:
         from transformers import AutoTokenizer
 
-        try:
-            tok = AutoTokenizer.from_pretrained(str(tok_path))
-        except Exception as e:
-            raise ConvertError(f"--tokenizer {tok_path}: transformers cannot load it ({e})") from None
+        tok = _load_pretrained(AutoTokenizer, tok_path, "--tokenizer")
+    if image_processor is None and vision_path is not None and (vision_path / "preprocessor_config.json").exists():
+        image_processor = vision_path
+    processor = None
+    if image_processor is not None:
+        from transformers import AutoImageProcessor
+
+        processor = _load_pretrained(AutoImageProcessor, Path(image_processor), "image processor")
     image_id, added_row = _image_token(config.language.vocab_size, tok, image_token_id, (record or {}).get("image_token"))
     hf_rows = config.language.vocab_size + (1 if added_row else 0)
 
@@ -1015,8 +1019,7 @@ def megatron_to_hf(
         llava_cfg.save_pretrained(str(tmp))
         _generation_config(llava_cfg, llm_path, image_id if added_row else None).save_pretrained(str(tmp))
         shutil.copyfile(Path(__file__).parent / "hf_modeling" / MODELING_FILE, tmp / MODELING_FILE)
-        _save_processors(tmp, tok, image_processor or (vision_path if vision_path and (vision_path / "preprocessor_config.json").exists() else None),
-                         config)
+        _save_processors(tmp, tok, processor, config)
         if unused_source is not None:
             unused_source.close()
     _log(f"done in {time.time() - start:.0f} s: AutoModelForImageTextToText.from_pretrained({str(save)!r}, trust_remote_code=True)")
@@ -1123,15 +1126,15 @@ def _generation_config(llava_cfg, llm_path: Path | None, suppress: int | None):
     return gen
 
 
-def _save_processors(folder: Path, tok, image_processor_path, config: ModelConfig) -> None:
-    image_processor = None
-    if image_processor_path is not None:
-        from transformers import AutoImageProcessor
+def _load_pretrained(auto_class, path: Path, what: str):
+    """``auto_class.from_pretrained(path)``, or a ConvertError naming the input."""
+    try:
+        return auto_class.from_pretrained(str(path))
+    except Exception as e:
+        raise ConvertError(f"{what} {path}: transformers cannot load it ({e})") from None
 
-        try:
-            image_processor = AutoImageProcessor.from_pretrained(str(image_processor_path))
-        except Exception as e:
-            raise ConvertError(f"image processor {image_processor_path}: transformers cannot load it ({e})") from None
+
+def _save_processors(folder: Path, tok, image_processor, config: ModelConfig) -> None:
     if tok is not None and image_processor is not None:
         from transformers import LlavaProcessor
 

@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Literal
 
 import torch
 
-from megatron_croc.config import ModelConfig
+from megatron_croc.config import STAGE_SPECIFIC_PREFIXES, ModelConfig
 
 Shape = tuple[int, ...]
 
@@ -284,9 +284,6 @@ def croc_extras_mappings(names: Iterable[str]) -> list[Mapping]:
         for n in names
         if n.startswith(STAGE_SPECIFIC_PREFIXES)
     ]
-
-
-STAGE_SPECIFIC_PREFIXES = ("pool.", "vtr_head.")
 
 # ---------------------------------------------------------------------------------------------
 # names

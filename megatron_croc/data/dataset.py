@@ -350,9 +350,10 @@ class BatchCollator:
         }
 
 
-def open_blend(data_path: Sequence[str] | str, *, seed: int, shuffle: bool = True) -> BlendedDataset:
-    """Open the datasets named by a Megatron-style ``--data-path`` and blend them."""
-    entries = parse_data_path(data_path)
+def open_blend(entries: Sequence[tuple[float | None, str]], *, seed: int, shuffle: bool = True) -> BlendedDataset:
+    """Open and blend the ``(weight, prefix)`` pairs of a parsed ``--data-path``
+    (:func:`parse_data_path`); without weights, in proportion to the datasets' sizes, as
+    Megatron does."""
     datasets = [MultimodalIndexedDataset(p) for _, p in entries]
     weights = None if entries[0][0] is None else [w for w, _ in entries]
     return BlendedDataset(datasets, weights, seed=seed, shuffle=shuffle)
@@ -360,7 +361,7 @@ def open_blend(data_path: Sequence[str] | str, *, seed: int, shuffle: bool = Tru
 
 @dataclass(kw_only=True)
 class DataLoaderConfig:
-    data_path: list[str]
+    data_path: Sequence[tuple[float | None, str]]  # parse_data_path's (weight, prefix) pairs
     seq_length: int
     num_image_tokens: int
     micro_batch_size: int

@@ -575,7 +575,7 @@ class _BatchedAuction:
         Called with at least one unassigned row.
         """
         B, K, dev = self.B, self.K, self.dev
-        dist = torch.full((B, K), _BIG, dtype=torch.long, device=dev)
+        distance = torch.full((B, K), _BIG, dtype=torch.long, device=dev)
         pred = torch.full((B, K), -1, dtype=torch.long, device=dev)
         done = torch.zeros(B, K, dtype=torch.bool, device=dev)
         row = torch.zeros(B, dtype=torch.long, device=dev)
@@ -588,7 +588,7 @@ class _BatchedAuction:
                 start = ~active & free.any(dim=1)
                 row = torch.where(start, free.to(torch.int8).argmax(dim=1), row)
                 row_d = torch.where(start, 0, row_d)
-                dist = torch.where(start[:, None], _BIG, dist)
+                distance = torch.where(start[:, None], _BIG, distance)
                 done &= ~start[:, None]
                 active |= start
                 need_start = False
@@ -597,13 +597,13 @@ class _BatchedAuction:
             self.stats.path_steps += 1
             vals = self.C[self.bidx, row] + self.price
             cand = row_d[:, None] + (vals - vals.amin(dim=1, keepdim=True))
-            better = active[:, None] & ~done & (cand < dist)
-            dist = torch.where(better, cand, dist)
+            better = active[:, None] & ~done & (cand < distance)
+            distance = torch.where(better, cand, distance)
             pred = torch.where(better, row[:, None], pred)
             # Closest unsettled column; on ties a free one, which ends the search sooner.
-            key = torch.where(done, _BIG, dist) * 2 + (self.col_row >= 0)
+            key = torch.where(done, _BIG, distance) * 2 + (self.col_row >= 0)
             j = key.argmin(dim=1)
-            d = dist.gather(1, j[:, None])[:, 0]
+            d = distance.gather(1, j[:, None])[:, 0]
             owner = self.col_row.gather(1, j[:, None])[:, 0]
             done |= active[:, None] & (self.cols == j[:, None])
             found = active & (owner < 0)
@@ -614,7 +614,7 @@ class _BatchedAuction:
             n_found, more = torch.stack([found.sum(), left.any().long()]).tolist()
             if n_found:
                 # Settled columns get cheaper relative to the sink by their distance.
-                self.price = self.price + torch.where(found[:, None] & done, d[:, None] - dist, 0)
+                self.price = self.price + torch.where(found[:, None] & done, d[:, None] - distance, 0)
                 self._augment_forward(found, j, pred)
                 active &= ~found
                 need_start = True

@@ -28,8 +28,9 @@ DEMO_DATA_DIR = "outputs/demo_data"
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    data_path: tuple[tuple[float, str], ...]  # (weight, prefix) pairs
-    valid_data_path: tuple[tuple[float, str], ...] = ()
+    # (weight, prefix) pairs; weight None: blended by size, as Megatron does without weights
+    data_path: tuple[tuple[float | None, str], ...]
+    valid_data_path: tuple[tuple[float | None, str], ...] = ()
     seq_length: int = 2048
     pack_sequences: bool = False
     num_workers: int = 2
@@ -57,9 +58,9 @@ class TrainConfig:
     notes: tuple[str, ...] = ()
 
 
-def _data_path(values: Sequence[str] | None, flag: str) -> tuple[tuple[float, str], ...]:
+def _data_path(values: Sequence[str] | None, flag: str) -> tuple[tuple[float | None, str], ...]:
     """Megatron's ``--data-path [w1] prefix1 [w2 prefix2 ...]``, parsed by the data package;
-    prefixes without weights are blended equally."""
+    prefixes without weights are blended in proportion to their sizes, as in Megatron."""
     from megatron_croc.data.dataset import parse_data_path
 
     if not values:
@@ -68,7 +69,7 @@ def _data_path(values: Sequence[str] | None, flag: str) -> tuple[tuple[float, st
         pairs = parse_data_path(list(values))
     except ValueError as err:
         raise ConfigError(f"{flag}: {err}") from None
-    return tuple((1.0 if w is None else float(w), p) for w, p in pairs)
+    return tuple(pairs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core.utils import unwrap_model
 
-from megatron_croc.training.step import unwrap
+from megatron_croc.config import STAGE_SPECIFIC_PREFIXES
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -117,7 +118,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _model_sharded_state_dict(model_chunks: list) -> dict[str, Any]:
     # Keys of the CrocModel itself, whatever wraps it (DDP, Float16Module): a checkpoint must
     # not depend on how the model was trained.
-    chunks = [unwrap(c) for c in model_chunks]
+    chunks = unwrap_model(list(model_chunks))
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
@@ -263,11 +264,6 @@ def _prune(root: str, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-# Modules that exist only in some stages: a checkpoint of another stage may lack them, and they
-# then keep their fresh initialisation (align -> croc adds the pool and the VTR head).
-STAGE_SPECIFIC_PREFIXES = ("pool.", "vtr_head.")
-
-
 def _absent_stage_modules(ckpt: Path) -> tuple[str, ...]:
     """The stage-specific module prefixes of which the checkpoint holds no tensor."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -337,7 +333,7 @@ def load_checkpoint(
     if fresh:
         raise KeyError(f"{ckpt} lacks {len(fresh)} model tensors this model needs, e.g. {fresh[:5]}")
     for chunk, key in zip(model_chunks, model_keys):
-        result = unwrap(chunk).load_state_dict(state[key], strict=False)
+        result = unwrap_model(chunk).load_state_dict(state[key], strict=False)
         wrong = [k for k in result.missing_keys if not k.startswith(STAGE_SPECIFIC_PREFIXES) and "_extra_state" not in k]
         if wrong:
             raise KeyError(f"{ckpt}: no values for {wrong[:5]}")

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_croc.config import ConfigError, ModelConfig, validate
-from megatron_croc.platform import Platform, init_platform
+from megatron_croc.platform import Platform, get_platform, init_platform
 from megatron_croc.training.arguments import DEMO_DATA_DIR, TrainConfig, parse_args
 from megatron_croc.training.checkpoint import load_checkpoint, save_checkpoint
 from megatron_croc.training.logging import TrainingLogger
@@ -116,13 +116,13 @@ def _resolve_data(config: TrainConfig) -> TrainConfig:
 
         demo_kwargs = dict(image_size=model.vision.image_size, num_image_tokens=model.vision.num_image_tokens,
                            seq_length=data.seq_length)
-        if dist.get_rank() == 0:
-            train = ensure_demo_dataset(DEMO_DATA_DIR, **demo_kwargs)
-            valid = ensure_demo_dataset(DEMO_DATA_DIR, num_samples=128, seed=config.seed + 1, **demo_kwargs)
+        if dist.get_rank() == 0:  # built once, by one rank; then every rank opens it
+            ensure_demo_dataset(DEMO_DATA_DIR, **demo_kwargs)
+            ensure_demo_dataset(DEMO_DATA_DIR, num_samples=128, seed=config.seed + 1, **demo_kwargs)
         dist.barrier()
         train = ensure_demo_dataset(DEMO_DATA_DIR, **demo_kwargs)
         valid = ensure_demo_dataset(DEMO_DATA_DIR, num_samples=128, seed=config.seed + 1, **demo_kwargs)
-        data = dataclasses.replace(data, data_path=((1.0, train.prefix),), valid_data_path=((1.0, valid.prefix),))
+        data = dataclasses.replace(data, data_path=((None, train.prefix),), valid_data_path=((None, valid.prefix),))
     metas = [read_meta(prefix) for _, prefix in data.data_path]
     vocab = max(m["tokenizer"]["vocab_size"] for m in metas)
     image_size = {m["image"]["size"] for m in metas if m["image"].get("size")}
@@ -151,11 +151,8 @@ def _data_iterators(config: TrainConfig, consumed_samples: int, *, pin_memory: b
     paths = config.data.valid_data_path if valid else config.data.data_path
     if not paths:
         return None
-    flat: list[str] = []
-    for weight, prefix in paths:
-        flat += [str(weight), prefix]
     loader_config = DataLoaderConfig(
-        data_path=flat, seq_length=config.data.seq_length, num_image_tokens=config.model.vision.num_image_tokens,
+        data_path=paths, seq_length=config.data.seq_length, num_image_tokens=config.model.vision.num_image_tokens,
         micro_batch_size=config.micro_batch_size, global_batch_size=config.global_batch_size,
         seed=config.seed, packing=config.data.pack_sequences, num_workers=config.data.num_workers,
         shuffle=not valid,
@@ -171,37 +168,37 @@ def _data_iterators(config: TrainConfig, consumed_samples: int, *, pin_memory: b
     ]
 
 
-def _grads_finite(chunks: list) -> bool:
-    local = all(bool(torch.isfinite(buffer.grad_data).all()) for chunk in chunks for buffer in chunk.buffers)
-    flag = torch.tensor([0.0 if local else 1.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
-
-
-def _reduce_step_stats(stats: StepStats, num_microbatches: int) -> tuple[dict[str, float], int, int, bool]:
-    """Average the loss parts over micro-batches and DP ranks (on the last stage), and agree
-    on all ranks whether the step's losses are finite."""
+def _reduce_step(losses: list[dict[str, torch.Tensor]], stats: StepStats, chunks: list, device: torch.device, *,
+                 check_grads: bool) -> tuple[dict[str, float], int, int, bool]:
+    """The step's reported numbers and whether it is finite, agreed by all ranks: on the last
+    stage one data-parallel all-reduce of [loss parts averaged over micro-batches, samples,
+    images]; then one all-rank MAX of "losses or (``check_grads``) gradients not finite". On the
+    device (NCCL reduces no CPU tensors), read back once each."""
     from megatron.core import parallel_state as ps
 
+    not_finite = torch.zeros((), device=device)
     parts: dict[str, float] = {}
-    finite = True
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
-        keys = sorted(stats.losses[0]) if stats.losses else []
-        values = torch.stack([torch.stack([mb[k].float().cpu() for k in keys]) for mb in stats.losses]).mean(0) \
-            if keys else torch.zeros(0)
-        counts = torch.tensor([float(stats.num_samples), float(stats.num_images)], dtype=torch.float64)
-        dp = ps.get_data_parallel_group()
-        dist.all_reduce(values, group=dp)
-        dist.all_reduce(counts, group=dp)
-        values /= ps.get_data_parallel_world_size()
-        parts = {k: float(v) for k, v in zip(keys, values)}
-        finite = all(math.isfinite(v) for v in parts.values())
-        num_samples, num_images = int(counts[0]), int(counts[1])
-    else:
-        num_samples, num_images = 0, 0
-    flag = torch.tensor([0.0 if finite else 1.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return parts, num_samples, num_images, flag.item() == 0.0
+    num_samples = num_images = 0
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    if last:
+        keys = sorted(losses[0]) if losses else []
+        means = [torch.stack([mb[k].double() for mb in losses]).mean() for k in keys]
+        counts = torch.tensor([stats.num_samples, stats.num_images], dtype=torch.float64, device=device)
+        packed = torch.cat([torch.stack(means).to(device) if means else counts[:0], counts])
+        dist.all_reduce(packed, group=ps.get_data_parallel_group())
+        not_finite = (~torch.isfinite(packed)).any().float()
+    if check_grads:
+        grads = [torch.isfinite(b.grad_data).all() for chunk in chunks for b in chunk.buffers]
+        if grads:
+            not_finite = torch.maximum(not_finite, (~torch.stack(grads).all()).float().to(device))
+    dist.all_reduce(not_finite, op=dist.ReduceOp.MAX)
+    finite = not_finite.item() == 0.0
+    if last:
+        host = packed.tolist()
+        dp = ps.get_data_parallel_world_size()
+        parts = {k: v / dp for k, v in zip(keys, host)}
+        num_samples, num_images = int(host[-2]), int(host[-1])
+    return parts, num_samples, num_images, finite
 
 
 def evaluate(config: TrainConfig, forward_backward, chunks, iterators, forward_step, stats: StepStats,
@@ -213,12 +210,12 @@ def evaluate(config: TrainConfig, forward_backward, chunks, iterators, forward_s
     with torch.no_grad():
         for _ in range(config.eval_iters):
             stats.reset()
-            forward_backward(
+            losses = forward_backward(
                 forward_step_func=forward_step, data_iterator=iterators if len(iterators) > 1 else iterators[0],
                 model=chunks, num_microbatches=num_microbatches, seq_length=seq_length,
                 micro_batch_size=config.micro_batch_size, forward_only=True,
             )
-            parts, _, _, _ = _reduce_step_stats(stats, num_microbatches)
+            parts, _, _, _ = _reduce_step(losses, stats, chunks, get_platform().device, check_grads=False)
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v / config.eval_iters
     for chunk in chunks:
@@ -238,8 +235,7 @@ def train(config: TrainConfig) -> dict[str, object]:
     platform = init_platform()
     validate(config.model, has_te=platform.has_te, has_apex=platform.has_apex)
     init_distributed(config, platform)
-    config = _resolve_data(config)
-    validate(config.model, has_te=platform.has_te, has_apex=platform.has_apex)
+    config = _resolve_data(config)  # only the vocabulary size changes, which validate does not check
     model_config = config.model
     rank, world = dist.get_rank(), dist.get_world_size()
     is_writer = rank == world - 1  # on the last pipeline stage, where the losses are
@@ -284,7 +280,8 @@ def train(config: TrainConfig) -> dict[str, object]:
         tc.batch_p2p_comm = False
     forward_backward = get_forward_backward_func()
     stats = StepStats()
-    eval_step = make_forward_step(model_config, platform.device, stats, num_microbatches=num_microbatches)
+    # one forward step for training and evaluation (the schedule calls it num_microbatches times)
+    forward_step = make_forward_step(model_config, platform.device, stats, num_microbatches=num_microbatches)
     logger = TrainingLogger(model_config=model_config, log_interval=config.log_interval, world_size=world,
                             tensorboard_dir=config.tensorboard_dir, is_writer=is_writer)
     inject = set(_inject_nonfinite_iterations())
@@ -301,19 +298,18 @@ def train(config: TrainConfig) -> dict[str, object]:
     start_time = time.perf_counter()
     while iteration < config.train_iters:
         stats.reset()
+        stats.inject_nonfinite = (iteration + 1) in inject
         for chunk in chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        forward_step = make_forward_step(model_config, platform.device, stats, num_microbatches=num_microbatches,
-                                         inject_nonfinite=(iteration + 1) in inject)
-        forward_backward(
+        losses = forward_backward(
             forward_step_func=forward_step,
             data_iterator=train_iters if len(train_iters) > 1 else train_iters[0],
             model=chunks, num_microbatches=num_microbatches, seq_length=seq_length,
             micro_batch_size=config.micro_batch_size, forward_only=False,
         )
-        parts, num_samples, num_images, finite = _reduce_step_stats(stats, num_microbatches)
-        finite = finite and _grads_finite(chunks)
+        parts, num_samples, num_images, finite = _reduce_step(losses, stats, chunks, platform.device,
+                                                              check_grads=True)
         grad_norm = None
         if finite:
             update_ok, grad_norm, _ = optimizer.step()
@@ -339,7 +335,7 @@ def train(config: TrainConfig) -> dict[str, object]:
         logger.maybe_log(iteration, config.train_iters, lrs=_group_lrs(optimizer), grad_norm=grad_norm,
                          skipped=total_skips)
         if valid_iters and config.eval_interval and iteration % config.eval_interval == 0:
-            val = evaluate(config, forward_backward, chunks, valid_iters, eval_step, stats, num_microbatches,
+            val = evaluate(config, forward_backward, chunks, valid_iters, forward_step, stats, num_microbatches,
                            seq_length)
             if is_writer:
                 print(f"validation at iteration {iteration}: " + " | ".join(f"{k}: {v:.4g}" for k, v in val.items()),

@@ -6,6 +6,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from megatron.core.utils import unwrap_model
 
 from megatron_croc.config import ModelConfig
 from megatron_croc.models.attention import build_attention_layout
@@ -15,13 +16,6 @@ from megatron_croc.platform import host_to_device
 # What the model needs from a collated batch (megatron_croc.data.dataset.BatchCollator).
 MODEL_INPUTS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "visual_mask", "images",
                 "image_sample_ids")
-
-
-def unwrap(model) -> CrocModel:
-    """The CrocModel inside DDP / Float16Module wrappers."""
-    while not isinstance(model, CrocModel):
-        model = model.module
-    return model
 
 
 # Read on the host only (they seed the pool masks): moving them would cost a device sync to read back.
@@ -39,25 +33,22 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Te
     moved = {k: batch[k] if k in HOST_INPUTS else host_to_device(batch[k], device) for k in MODEL_INPUTS}
     moved["visual_index"] = host_to_device(batch["visual_mask"].flatten().nonzero().squeeze(1), device)
     moved["one_sample_per_row"] = bool((batch["segment_ids"] == 1).all())
+    moved["num_samples"] = int(batch["segment_ids"].amax(dim=1).sum())  # segments are numbered 1..n per row
     return moved
 
 
 class StepStats:
-    """Per-step accumulators, filled on the last pipeline stage: images and samples seen, and
-    the reported loss parts of every micro-batch. Device values stay on the device until the
-    step's reduction reads them, so counting costs no sync per micro-batch."""
+    """Per-step accumulators, counted on the last pipeline stage (host numbers, no device read):
+    images and samples seen; and whether this step's losses are to be made non-finite (a test
+    hook of the non-finite-step handling)."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.num_images = 0
-        self.sample_counts: list[torch.Tensor] = []  # samples per micro-batch, on the device
-        self.losses: list[dict[str, torch.Tensor]] = []
-
-    @property
-    def num_samples(self) -> int:
-        return int(sum(int(c) for c in self.sample_counts))
+        self.num_samples = 0
+        self.inject_nonfinite = False
 
 
 class _LookaheadFeed:
@@ -94,9 +85,10 @@ class _LookaheadFeed:
 
 
 def make_forward_step(model_config: ModelConfig, device: torch.device, stats: StepStats, *,
-                      num_microbatches: int, inject_nonfinite: bool = False):
+                      num_microbatches: int):
     """The ``forward_step_func`` that megatron-core's schedules call once per micro-batch and
     model chunk. Every stage reads the batch (the layout); only the first stage uses images.
+    The loss parts of each micro-batch are what the schedule returns (last stage).
 
     ``num_microbatches`` per call of the schedule (an optimizer step): with
     ``croc.assignment_lookahead`` the first stage solves the next micro-batch's assignment
@@ -105,7 +97,7 @@ def make_forward_step(model_config: ModelConfig, device: torch.device, stats: St
     feeds: dict[int, _LookaheadFeed] = {}
 
     def forward_step(data_iterator, model):
-        croc_model = unwrap(model)
+        croc_model = unwrap_model(model)
         prefetch = None
         if model_config.croc.assignment_lookahead and croc_model.prefetches_visual:
             feed = feeds.setdefault(id(model), _LookaheadFeed(num_microbatches, device))
@@ -119,22 +111,21 @@ def make_forward_step(model_config: ModelConfig, device: torch.device, stats: St
         )
         if croc_model.post_process:  # counted where the losses are reported
             stats.num_images += len(batch["image_sample_ids"])  # one key per image, on the host
-            stats.sample_counts.append(batch["segment_ids"].amax(dim=1).sum())
+            stats.num_samples += batch["num_samples"]
         output = model(
             tokens=batch["tokens"], position_ids=batch["position_ids"], layout=layout,
             visual_mask=batch["visual_mask"], labels=batch["labels"],
             images=batch["images"] if croc_model.pre_process else None,
             image_keys=batch["image_sample_ids"], visual_prefetch=prefetch, visual_index=batch["visual_index"],
         )
-        return output, partial(_loss_func, batch["loss_mask"], model_config, stats, inject_nonfinite)
+        return output, partial(_loss_func, batch["loss_mask"], model_config, stats.inject_nonfinite)
 
     return forward_step
 
 
-def _loss_func(loss_mask, model_config, stats, inject_nonfinite, output: CrocOutputs):
+def _loss_func(loss_mask, model_config, inject_nonfinite, output: CrocOutputs):
     total, parts = croc_loss(output, loss_mask, model_config)
     if inject_nonfinite:
         total = total * float("nan")
         parts = {k: v * float("nan") for k, v in parts.items()}
-    stats.losses.append(parts)
     return total, parts

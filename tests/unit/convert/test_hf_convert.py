@@ -226,6 +226,16 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(hf, tmp_path, megatron_world,
         megatron_to_hf(tmp_path, tmp_path / "hf_out", progress=False)
     with pytest.raises(ConvertError, match="fewer than the vocabulary 1000"):
         megatron_to_hf(ckpt, tmp_path / "hf_out", vocab_size=1000, progress=False)
+    # an image processor that cannot be loaded is refused before anything is written
+    import megatron_croc.convert.hf as hf_module
+
+    def no_writing(*args, **kwargs):
+        raise AssertionError("the export started writing before checking its inputs")
+
+    monkeypatch.setattr(hf_module, "_staging", no_writing)
+    with pytest.raises(ConvertError, match=r"image processor .*nothing_here: transformers cannot load it"):
+        megatron_to_hf(ckpt, tmp_path / "hf_out", image_processor=str(tmp_path / "nothing_here"), progress=False)
+    monkeypatch.undo()
     assert not (tmp_path / "hf_out").exists() and _no_leftovers(tmp_path)
     # the command line reports it in one line
     assert main(["megatron-to-hf", "--load", str(tmp_path / "nothing"), "--save", str(tmp_path / "x")]) == 2

@@ -130,7 +130,7 @@ def test_parse_data_path():
 def test_open_blend_from_data_path(tmp_path):
     a = make_dataset(tmp_path / "a", [5] * 4)
     b = make_dataset(tmp_path / "b", [5] * 4)
-    bl = open_blend(["1", a, "3", b], seed=0)
+    bl = open_blend(parse_data_path(["1", a, "3", b]), seed=0)
     d, _ = bl.locate(np.arange(8))
     assert (d == 1).sum() == 6
 

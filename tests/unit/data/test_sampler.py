@@ -67,7 +67,7 @@ def test_total_samples_and_bad_configs():
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")  # torch DataLoader workers fork
 def test_resumable_loader_counts_delivered_not_prefetched(tmp_path, packing):
     prefix = make_dataset(tmp_path / "d", [8 + (i % 7) for i in range(40)])
-    cfg = DataLoaderConfig(data_path=[prefix], seq_length=48, num_image_tokens=4, micro_batch_size=2,
+    cfg = DataLoaderConfig(data_path=[(None, prefix)], seq_length=48, num_image_tokens=4, micro_batch_size=2,
                            global_batch_size=8, seed=11, packing=packing, num_workers=2)
     ref = build_data_loader(cfg, dp_rank=1, dp_size=2)
     batches = [next(ref) for _ in range(5)]

@@ -26,7 +26,7 @@ def test_flags_reach_the_configs():
     )
     assert config.data.data_path == ((0.3, "a"), (0.7, "b"))
     equal = parse_args(["--data-path", "a", "b", "--train-iters", "1"])
-    assert equal.data.data_path == ((1.0, "a"), (1.0, "b"))
+    assert equal.data.data_path == ((None, "a"), (None, "b"))  # by size, as Megatron
     assert config.model.parallel.tensor_model_parallel_size == 2
     assert config.model.croc.stage == "instruct" and config.model.croc.attention_variant == "causal"
     assert config.model.croc.matcher == "nearest" and config.model.precision.bf16

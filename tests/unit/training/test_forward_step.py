@@ -63,11 +63,11 @@ def _train(lookahead: bool, steps: int = 2):
                 model.pool.weight.copy_(fresh / fresh.norm(dim=-1, keepdim=True))
         model.zero_grad(set_to_none=True)
         stats.reset()
-        get_forward_backward_func()(
+        reported = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=data, model=[model],
             num_microbatches=NUM_MICROBATCHES, seq_length=SEQ, micro_batch_size=2, forward_only=False,
         )
-        losses += [{k: float(v) for k, v in parts.items()} for parts in stats.losses]
+        losses += [{k: float(v) for k, v in parts.items()} for parts in reported]
         events.append("end")
     return losses, model.pool.weight.grad.clone(), events
 
@@ -113,10 +113,12 @@ def test_image_keys_stay_on_the_host_and_visual_positions_are_found_there():
     config = model_preset("tiny")
     batch = next(LoggedBatches(config, []))
     moved = to_device(batch, torch.device("meta"))
-    assert set(moved) == set(MODEL_INPUTS) | {"visual_index", "one_sample_per_row"}
+    host_facts = ("one_sample_per_row", "num_samples")
+    assert set(moved) == set(MODEL_INPUTS) | {"visual_index", *host_facts}
     assert moved["image_sample_ids"] is batch["image_sample_ids"]
-    assert all(v.is_meta for k, v in moved.items() if k not in ("image_sample_ids", "one_sample_per_row"))
+    assert all(v.is_meta for k, v in moved.items() if k not in ("image_sample_ids", *host_facts))
     assert moved["one_sample_per_row"] is False  # ROWS pack two samples in row 1
+    assert moved["num_samples"] == 3
     # the visual positions, found on the host: what the model would otherwise read back
     host = to_device(batch, torch.device("cpu"))
     assert torch.equal(host["visual_index"], batch["visual_mask"].flatten().nonzero().squeeze(1))
