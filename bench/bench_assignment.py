@@ -154,6 +154,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--common", type=float, default=0.5,
                    help="weight of the per-image common component of the vision features")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-out", default=None, help="also write the JSON line's content to this file")
     args = p.parse_args(argv)
     on_cuda = torch.device(args.device).type == "cuda"
     if args.pool_init is None:
@@ -164,9 +165,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    result = run(parse_args(argv))
+    args = parse_args(argv)
+    result = run(args)
     print(format_table(result))
-    emit_json("BENCH_ASSIGNMENT_JSON", result, None)
+    emit_json("BENCH_ASSIGNMENT_JSON", result, args.json_out)
     return 0
 
 

@@ -37,7 +37,7 @@ class LlavaStyleDataset(torch.utils.data.Dataset):
     def __init__(self, json_path: str, folder: str, tokenizer, template: str, size: int) -> None:
         from transformers import CLIPImageProcessor
 
-        from megatron_croc.data.images import CLIP_MEAN, CLIP_STD
+        from megatron_croc.data.constants import CLIP_MEAN, CLIP_STD
 
         self.records = json.loads(Path(json_path).read_text())
         self.folder = folder

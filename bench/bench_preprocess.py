@@ -55,7 +55,8 @@ def baseline_llava_images(json_path: str, folder: str, size: int, limit: int) ->
     from PIL import Image
     from transformers import CLIPImageProcessor
 
-    from megatron_croc.data.images import CLIP_MEAN, CLIP_MEAN_RGB, CLIP_STD, pad_to_square
+    from megatron_croc.data.constants import CLIP_MEAN, CLIP_STD
+    from megatron_croc.data.images import CLIP_MEAN_RGB, pad_to_square
 
     proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                               image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))

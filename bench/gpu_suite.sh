@@ -112,13 +112,8 @@ run_part bench_attention "$L" "$PYTHON" bench/bench_attention.py "${DEV_ARGS[@]}
   --budget-s $((L - 35)) --json-out "$OUT/bench_attention.json"
 
 # 3. the assignment solver vs scipy (bench/bench_assignment.py)
-if [ -f bench/bench_assignment.py ] || ! wanted bench_assignment; then
-  L=$(limit_for "$T_ASSIGN" "$MIN_STEP")
-  run_part bench_assignment "$L" "$PYTHON" bench/bench_assignment.py "${DEV_ARGS[@]}"
-else
-  echo "bench/bench_assignment.py is missing" >"$OUT/bench_assignment.log"
-  NAMES+=(bench_assignment); STATUS+=("MISSING"); SECONDS_TAKEN+=(0); FAILED=1
-fi
+L=$(limit_for "$T_ASSIGN" "$MIN_STEP")
+run_part bench_assignment "$L" "$PYTHON" bench/bench_assignment.py "${DEV_ARGS[@]}" --json-out "$OUT/bench_assignment.json"
 
 # 4. the Croc step vs the plain GPT step (the optional local-spec and TE rows only if time allows)
 L=$(limit_for "$T_STEP" 0)

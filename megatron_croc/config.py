@@ -14,13 +14,11 @@ from typing import Literal
 
 import torch
 
+from megatron_croc.data.constants import CLIP_MEAN, CLIP_STD  # noqa: F401  (re-exported for models.vision)
+
 Stage = Literal["align", "croc", "instruct"]
 AttentionVariant = Literal["causal", "visual", "prefix"]
 Matcher = Literal["hungarian", "nearest"]
-
-# CLIP's pixel statistics (OpenAI CLIP preprocessing); images arrive as uint8 RGB.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ConfigError(ValueError):

@@ -1,7 +1,6 @@
 """Where we run: CUDA/NCCL or CPU/gloo, and what is installed (TransformerEngine, apex).
 
-megatron-core assumes CUDA in a handful of places (see ../shared/MEGATRON_CPU_NOTES.md for the
-measured list). On a machine without CUDA, :func:`init_platform` applies a small set of shims so
+megatron-core assumes CUDA in a handful of places (each shim below names the one it covers). On a machine without CUDA, :func:`init_platform` applies a small set of shims so
 that the same code path users run on GPUs (tensor/pipeline/data parallelism, the distributed
 optimizer, pipeline schedules, dist_checkpointing) runs on the CPU with gloo. On a CUDA machine
 it changes nothing.
@@ -46,10 +45,6 @@ class Platform:
     has_cuda: bool
     has_te: bool
     has_apex: bool
-
-    @property
-    def is_cpu(self) -> bool:
-        return not self.has_cuda
 
 
 def _importable(name: str) -> bool:

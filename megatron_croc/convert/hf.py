@@ -60,9 +60,7 @@ from megatron_croc.config import (
 from megatron_croc.convert.mappings import (
     HF_LM_HEAD,
     HF_VISION,
-    MappingEngine,
-    croc_extras_mappings,
-    croc_llava_mappings,
+    croc_engine,
 )
 from megatron_croc.convert.sources import ConvertError, HFInputs, TensorSource
 
@@ -241,13 +239,13 @@ def _feature_layers(llava_cfg, vision_cfg, where: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _init_model_parallel(tp: int, pp: int, seed: int = 1234) -> None:
+def _init_model_parallel(tp: int, pp: int) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    model_parallel_cuda_manual_seed(seed)
+    model_parallel_cuda_manual_seed(1234)  # the meta-device models draw nothing; any seed
 
 
 def _joined_world(needed: int) -> bool:
@@ -499,10 +497,7 @@ def _import_rank(plan: _ImportPlan) -> None:
     model = build_meta_stage(plan.config)
     inputs = plan.inputs.open()
     names = [n for n, v in model.state_dict().items() if v is not None]
-    engine = MappingEngine(
-        plan.config,
-        croc_llava_mappings(plan.config, hf_vocab_rows=plan.inputs.hf_vocab_rows) + croc_extras_mappings(names),
-    )
+    engine = croc_engine(plan.config, names, hf_vocab_rows=plan.inputs.hf_vocab_rows)
 
     def full_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name in plan.fresh:
@@ -656,9 +651,7 @@ def _check_import(config: ModelConfig, inputs: HFInputs, gathered: _Inputs, stag
     )
     model = build_meta_stage(check_config)
     shapes = {n: tuple(v.shape) for n, v in model.state_dict().items() if v is not None}
-    engine = MappingEngine(
-        check_config, croc_llava_mappings(check_config, hf_vocab_rows=gathered.hf_vocab_rows) + croc_extras_mappings(shapes)
-    )
+    engine = croc_engine(check_config, shapes, hf_vocab_rows=gathered.hf_vocab_rows)
     problems, notes, fresh, drop = [], [], [], set()
     consumed: set[str] = set()
     for name, shape in shapes.items():
@@ -975,7 +968,7 @@ def megatron_to_hf(
     vision_layers_out = built + len(extra_layers)
     feature_layer = -1 - len(extra_layers)
 
-    engine = MappingEngine(config, croc_llava_mappings(config, hf_vocab_rows=hf_rows) + croc_extras_mappings(names))
+    engine = croc_engine(config, names, hf_vocab_rows=hf_rows)
     save = Path(save)
     _log(f"{ckpt} ({model}, {config.croc.stage} stage) -> {save} in {str(out_dtype).removeprefix('torch.')}")
     with _staging(save, overwrite) as tmp:

@@ -300,6 +300,12 @@ TE_SPEC_NAMES = {
 }
 
 
+def croc_engine(config: ModelConfig, names: Iterable[str], *, hf_vocab_rows: int | None = None) -> "MappingEngine":
+    """The engine for a CrocModel whose parameters are ``names``: the LLaVA mappings plus the
+    stage-specific extras among them (the one engine import, checks and export use)."""
+    return MappingEngine(config, croc_llava_mappings(config, hf_vocab_rows=hf_vocab_rows) + croc_extras_mappings(names))
+
+
 def local_spec_name(name: str) -> str:
     """A megatron parameter name with TE-spec norm names turned into local-spec names."""
     for local, te in TE_SPEC_NAMES.items():
@@ -381,11 +387,10 @@ class MappingEngine:
     config: ModelConfig
     mappings: list[Mapping]
     by_megatron: dict[str, Resolved] = field(init=False)
-    by_hf: dict[str, Resolved] = field(init=False)
 
     def __post_init__(self):
         counts = {"language": self.config.language.num_layers, "vision": self.config.vision.num_built_layers}
-        self.by_megatron, self.by_hf = {}, {}
+        self.by_megatron = {}
         for m in self.mappings:
             indices = range(counts[m.layers]) if m.layers else [None]
             for i in indices:
@@ -394,8 +399,6 @@ class MappingEngine:
                 if r.megatron in self.by_megatron:
                     raise ValueError(f"two mappings produce {r.megatron}")
                 self.by_megatron[r.megatron] = r
-                for h in r.hf:
-                    self.by_hf[h] = r
 
     def hf_names(self, where: Where | None = None) -> list[str]:
         return [h for r in self.by_megatron.values() if where is None or r.where == where for h in r.hf]
@@ -467,14 +470,6 @@ def to_local_name(global_name: str, layer_offset: int) -> str:
     return f"{m.group(1)}{int(m.group(2)) - layer_offset}{m.group(3)}"
 
 
-def tp_shard(model: torch.nn.Module, local_name: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """This tensor-parallel rank's shard of a full tensor, by megatron-core's split rules."""
-    from megatron_croc.models.parallel_plan import shard_tensor, split_of
-
-    param = dict(model.named_parameters())[local_name]
-    return shard_tensor(full, split_of(model, local_name, param), rank, size)
-
-
 def load_full_into_stage(
     model: torch.nn.Module,
     full_tensor: Callable[[str], torch.Tensor | None],
@@ -484,20 +479,17 @@ def load_full_into_stage(
     tp_size: int,
 ) -> list[str]:
     """Fill a live (pipeline stage of a) model from full tensors named globally: PP placement,
-    then TP split. ``full_tensor(global_name)`` may answer None for stage-specific tensors (they
-    keep their initialisation). Returns the names left untouched."""
-    untouched = []
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            full = full_tensor(to_global_name(name, layer_offset))
-            if full is None:
-                untouched.append(name)
-                continue
-            shard = tp_shard(model, name, full, tp_rank, tp_size)
-            if tuple(shard.shape) != tuple(param.shape):
-                raise MappingError(
-                    f"{name}: shard {tuple(shard.shape)} does not fit parameter {tuple(param.shape)} "
-                    f"at tensor-parallel rank {tp_rank} of {tp_size}"
-                )
-            param.copy_(shard)
+    then TP split (``parallel_plan.load_full_state``). ``full_tensor(global_name)`` may answer
+    None for stage-specific tensors (they keep their initialisation). Returns the names left
+    untouched."""
+    from megatron_croc.models.parallel_plan import load_full_state
+
+    full, untouched = {}, []
+    for name, _ in model.named_parameters():
+        tensor = full_tensor(to_global_name(name, layer_offset))
+        if tensor is None:
+            untouched.append(name)
+        else:
+            full[name] = tensor
+    load_full_state(model, full, tp_rank, tp_size, keep=untouched)
     return untouched

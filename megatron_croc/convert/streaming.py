@@ -64,7 +64,7 @@ def meta_device():
         yield
 
 
-def build_meta_stage(config, *, vp_stage: int | None = None):
+def build_meta_stage(config):
     """This rank's CrocModel pipeline stage (megatron-core's parallel state decides which), on
     the meta device, with the local (non-TE) specs whose parameter names the mappings use."""
     from megatron.core import parallel_state as ps
@@ -74,10 +74,9 @@ def build_meta_stage(config, *, vp_stage: int | None = None):
     with meta_device():
         return CrocModel(
             config,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False),
             use_te=False,
-            vp_stage=vp_stage,
         )
 
 

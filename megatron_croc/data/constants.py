@@ -12,6 +12,11 @@ IMAGE_TOKEN = "<image>"
 # ``Sample.tokens``; the collated batch expands it to ``num_image_tokens`` visual positions.
 IMAGE_TOKEN_ID = -200
 
+# CLIP's pixel normalisation (OpenAI CLIP, as in LLaVA): the model's input normalisation and,
+# scaled to 0..255, the pad colour of ``pad_to_square``.
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
 # Version of our sample layout inside the IndexedDataset (written to the sidecar).
 FORMAT_NAME = "megatron_croc.multimodal_indexed"
 FORMAT_VERSION = 1

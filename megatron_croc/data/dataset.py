@@ -148,10 +148,18 @@ class BlendedDataset:
         return out
 
     def __getitem__(self, position: int) -> Sample:
-        d, s = self.locate(np.asarray([position]))
-        sample = self.datasets[int(d[0])][int(s[0])]
-        sample.position = int(position)
-        return sample
+        return self.samples([position])[0]
+
+    def samples(self, positions: Sequence[int]) -> list[Sample]:
+        """The samples at global ``positions``, located in one vectorised lookup (the loader
+        reads a row's samples together)."""
+        d, s = self.locate(np.asarray(positions))
+        out = []
+        for position, k, i in zip(positions, d.tolist(), s.tolist()):
+            sample = self.datasets[k][i]
+            sample.position = int(position)
+            out.append(sample)
+        return out
 
 
 def _check_compatible(datasets: Sequence[MultimodalIndexedDataset]) -> None:
@@ -243,7 +251,7 @@ class RowDataset(torch.utils.data.Dataset):
         return len(self.blended)
 
     def __getitem__(self, row: Sequence[int]) -> list[Sample]:
-        return [self.blended[int(g)] for g in row]
+        return self.blended.samples(row)
 
 
 class SampleTooLongError(ValueError):

@@ -25,11 +25,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from megatron_croc.data.constants import SkipReason, SkipSample
+from megatron_croc.data.constants import CLIP_MEAN, SkipReason, SkipSample
 
-# OpenAI CLIP normalisation constants (the model normalises with these).
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 # LLaVA's pad colour: tuple(int(x * 255) for x in image_mean) = (122, 116, 104).
 CLIP_MEAN_RGB: tuple[int, int, int] = tuple(int(x * 255) for x in CLIP_MEAN)  # type: ignore[assignment]
 ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)

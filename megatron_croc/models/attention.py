@@ -44,16 +44,12 @@ class AttentionLayout:
 
     variant: AttentionVariant
     segment_ids: torch.Tensor  # int, 0 = padding, 1.. = packed sample
-    visual_span: torch.Tensor  # int, 0 = text/padding, else an id unique per image in the row
-    prefix_end: torch.Tensor  # int, last prefix position of the query's segment (prefix variant)
+    visual_span: torch.Tensor | None  # "visual" only: int, 0 = text/padding, else an image id in the row
+    prefix_end: torch.Tensor | None  # "prefix" only: int, last prefix position of the query's segment
     backend: Backend
     plain_causal: bool  # causal, no padding, no packing: fused is_causal kernels apply
     _dense: Optional[torch.Tensor] = field(default=None, repr=False)
     _block_mask: object = field(default=None, repr=False)
-
-    @property
-    def seq_length(self) -> int:
-        return self.segment_ids.shape[1]
 
     def dense_mask(self) -> torch.Tensor:
         """Boolean [B, 1, S, S], True where the query may attend to the key."""
@@ -96,15 +92,37 @@ def build_attention_layout(
     if backend is None:
         backend = "flex" if device.type == "cuda" else "sdpa"
     seg = segment_ids.long()
-    visual = visual_mask.bool() & (seg > 0)
-    bsz, seq = seg.shape
+    # Each variant builds only what its rule reads (_allowed); this runs on every stage and
+    # micro-batch.
+    visual_span = _visual_spans(seg, visual_mask) if variant == "visual" else None
+    prefix_end = _prefix_ends(seg, loss_mask) if variant == "prefix" else None
+    if variant == "causal" and one_sample_per_row is None:
+        one_sample_per_row = bool((seg == 1).all().item())  # a device sync on a GPU
+    plain_causal = variant == "causal" and bool(one_sample_per_row)
+    return AttentionLayout(
+        variant=variant,
+        segment_ids=seg,
+        visual_span=visual_span,
+        prefix_end=prefix_end,
+        backend=backend,
+        plain_causal=plain_causal,
+    )
 
+
+def _visual_spans(seg: torch.Tensor, visual_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] int: 0 at text/padding, else an id unique per image in the row."""
+    visual = visual_mask.bool() & (seg > 0)
     # An image span starts where a visual position follows a non-visual one or a new segment.
     prev_visual = F.pad(visual[:, :-1], (1, 0), value=False)
     prev_seg = F.pad(seg[:, :-1], (1, 0), value=-1)
     starts = visual & (~prev_visual | (prev_seg != seg))
-    visual_span = torch.cumsum(starts.long(), dim=1) * visual.long()
+    return torch.cumsum(starts.long(), dim=1) * visual.long()
 
+
+def _prefix_ends(seg: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] int: the last prompt-prefix position of each query's segment."""
+    bsz, seq = seg.shape
+    device = seg.device
     positions = torch.arange(seq, device=device).expand(bsz, seq)
     # Per segment: the first supervised position t0 (prefix = positions <= t0); a segment
     # without supervision is all prefix. Segments are numbered per row, so index by (row, seg).
@@ -117,20 +135,7 @@ def build_attention_layout(
     first_supervised = torch.where(loss_mask.bool(), positions, torch.full_like(positions, seq))
     t0 = torch.full((bsz * num_segments,), seq, dtype=torch.long, device=device)
     t0.scatter_reduce_(0, flat, first_supervised.reshape(-1), reduce="amin")
-    t0 = torch.minimum(t0, seg_end)
-    prefix_end = t0[flat].reshape(bsz, seq)
-
-    if variant == "causal" and one_sample_per_row is None:
-        one_sample_per_row = bool((seg == 1).all().item())  # a device sync on a GPU
-    plain_causal = variant == "causal" and bool(one_sample_per_row)
-    return AttentionLayout(
-        variant=variant,
-        segment_ids=seg,
-        visual_span=visual_span,
-        prefix_end=prefix_end,
-        backend=backend,
-        plain_causal=plain_causal,
-    )
+    return torch.minimum(t0, seg_end)[flat].reshape(bsz, seq)
 
 
 def _allowed(layout: AttentionLayout, b, q, k):
@@ -176,7 +181,7 @@ def _compiled_create_block_mask():
 
     raise_recompile_limit()
     # Eager create_block_mask costs ~7 ms per call (more than a layer's attention);
-    # compiled it is ~0.1-0.4 ms (GPU_NOTES.md).
+    # compiled it is ~0.1-0.4 ms (measured on an H200, B8 S1024 to B4 S2048).
     return torch.compile(create_block_mask)
 
 

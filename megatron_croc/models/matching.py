@@ -334,9 +334,9 @@ def _gpu_assign(cost: torch.Tensor, max_iterations: int | None = None
     """
     b, n, k = cost.shape
     stats = SolverStats()
-    if b == 0 or n == 0:
-        return torch.zeros(b, n, dtype=torch.long, device=cost.device), stats
-    if k == 1:  # then n == 1 too: nothing to choose, and bids need a second-best column
+    # nothing to solve; with k == 1 (then n == 1 too) nothing to choose, and bids need a
+    # second-best column
+    if b == 0 or n == 0 or k == 1:
         return torch.zeros(b, n, dtype=torch.long, device=cost.device), stats
     if max_iterations is None:
         max_iterations = 200 * n + 20_000

@@ -10,6 +10,7 @@ megatron-core marks every split parameter with ``tensor_model_parallel`` and
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -73,9 +74,11 @@ def full_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], group
     }
 
 
-def load_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor], rank: int, size: int) -> None:
-    """Copy full-size tensors into this rank's parameter shards (names must match)."""
-    params = dict(model.named_parameters())
+def load_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor], rank: int, size: int, *,
+                    keep: Collection[str] = ()) -> None:
+    """Copy full-size tensors into this rank's parameter shards (names must match); parameters
+    named in ``keep`` keep their values."""
+    params = {n: p for n, p in model.named_parameters() if n not in keep}
     missing = sorted(set(params) - set(full))
     if missing:
         raise KeyError(f"no full tensor for parameters: {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -158,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What the embedded default and the presets use where a flag is not given.
 _DEMO_DEFAULTS = dict(micro_batch_size=4, global_batch_size=16, train_iters=300, seq_length=160, lr=2e-3,
-                      log_interval=20, projector_lr=None, pool_lr=None)
+                      log_interval=20, projector_lr=None)
 _REAL_DEFAULTS = dict(micro_batch_size=1, global_batch_size=256, train_iters=None, seq_length=2048, lr=2e-5,
-                      log_interval=10, projector_lr=1.5e-4, pool_lr=None)
+                      log_interval=10, projector_lr=1.5e-4)
 
 
 def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> TrainConfig:
@@ -221,7 +221,7 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
         lr=lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         lr_warmup_fraction=args.lr_warmup_fraction, lr_decay_style=args.lr_decay_style,
-        projector_lr=args.projector_lr if args.projector_lr is not None else defaults["projector_lr"],
+        projector_lr=pick("projector_lr"),
         pool_lr=args.pool_lr, use_distributed_optimizer=args.use_distributed_optimizer,
     )
     if args.min_lr > lr:

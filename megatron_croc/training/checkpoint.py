@@ -187,7 +187,7 @@ def _set_main_param_and_states(self, model_param, tensors) -> None:
 
 def _optimizer_sharded_state_dict(optimizer, model_sd: dict[str, Any], *, is_loading: bool):
     # "fully_reshardable": the only sharding of DistributedOptimizer state that measured to
-    # save and load across TP/PP/DP changes (MEGATRON_CPU_NOTES.md).
+    # save and load across TP/PP/DP changes (tests/parallel/test_training.py reshards it).
     return optimizer.sharded_state_dict(
         model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
     )

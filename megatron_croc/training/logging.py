@@ -51,8 +51,9 @@ def model_flops_per_step(config: ModelConfig, *, num_tokens: int, seq_length: in
 
 @dataclass(kw_only=True)
 class TrainingLogger:
-    """Accumulates per-step numbers and writes them every ``log_interval`` steps (rank 0
-    prints; the last pipeline stage's DP-rank-0 owns the losses and sends them to rank 0)."""
+    """Accumulates per-step numbers and writes them every ``log_interval`` steps. Only the
+    writer (``is_writer``: the last rank, on the last pipeline stage, where the DP-averaged
+    losses are) prints and writes TensorBoard; nothing is sent."""
 
     model_config: ModelConfig
     log_interval: int
@@ -85,9 +86,9 @@ class TrainingLogger:
         )
 
     def maybe_log(self, iteration: int, train_iters: int, *, lrs: dict[str, float], grad_norm: float | None,
-                  skipped: int, force: bool = False) -> dict[str, float] | None:
-        if not (force or iteration % self.log_interval == 0) or self._count == 0:
-            return None
+                  skipped: int) -> None:
+        if iteration % self.log_interval or self._count == 0:
+            return
         elapsed = time.perf_counter() - self._start
         stats = {k: v / self._count for k, v in self._sums.items()}
         stats.update(
@@ -119,7 +120,6 @@ class TrainingLogger:
                 self._writer.flush()
         self._sums, self._count, self._tokens, self._samples, self._flops = {}, 0, 0, 0, 0.0
         self._start = time.perf_counter()
-        return stats
 
     def close(self) -> None:
         if self._writer is not None:

@@ -38,7 +38,7 @@ def param_group_overrides(config: OptimConfig) -> dict:
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
     def no_decay(param: torch.nn.Parameter, name: str) -> bool:
-        return param.dim() == 1 or name.endswith(".bias") or getattr(param, "no_weight_decay", False)
+        return param.dim() == 1 or getattr(param, "no_weight_decay", False)
 
     overrides: dict = {
         ParamKey(with_name_predicate=ParamWithNamePredicate(name="no_weight_decay", fn=no_decay)): {"wd_mult": 0.0}
