@@ -315,8 +315,9 @@ def train(config: TrainConfig) -> dict[str, object]:
             update_ok, grad_norm, _ = optimizer.step()
             finite = bool(update_ok) and (grad_norm is None or math.isfinite(grad_norm))
         iteration += 1
-        scheduler.step(increment=config.global_batch_size)
+        lr_used = _group_lrs(optimizer)["main"]
         if finite:
+            scheduler.step(increment=config.global_batch_size)  # as Megatron: not after a skipped update
             consecutive_skips = 0
         else:
             consecutive_skips += 1
@@ -329,7 +330,7 @@ def train(config: TrainConfig) -> dict[str, object]:
                     f"{iteration}); stopping. Lower --lr, check the data, or resume from the last checkpoint."
                 )
         if finite:
-            history.append({"iteration": iteration, **parts})
+            history.append({"iteration": iteration, **parts, "lr": lr_used})
             logger.record(losses=parts, num_tokens=config.global_batch_size * config.data.seq_length,
                           num_samples=num_samples, num_images=num_images, seq_length=config.data.seq_length)
         logger.maybe_log(iteration, config.train_iters, lrs=_group_lrs(optimizer), grad_norm=grad_norm,

@@ -191,6 +191,11 @@ def test_nonfinite_steps_are_skipped_then_training_stops(demo_prefix):
     env = {"MEGATRON_CROC_INJECT_NONFINITE": "2,3"}
     history = _run(1, _args(demo_prefix, "--train-iters", "5"), env=env)
     assert [h["iteration"] for h in history] == [1, 4, 5]  # 2 and 3 skipped and reported
+    # skipped updates do not advance the LR schedule (as in Megatron): the 2nd and 3rd updates
+    # use the LRs of a clean run's 2nd and 3rd steps
+    clean = _run(1, _args(demo_prefix, "--train-iters", "5"))
+    assert [h["lr"] for h in history] == [h["lr"] for h in clean[:3]]
+    assert len({h["lr"] for h in clean}) > 1  # the schedule does move
     with pytest.raises(RuntimeError, match="3 consecutive steps had non-finite loss"):
         _run(1, _args(demo_prefix, "--train-iters", "6", "--max-skipped-steps", "3"),
              env={"MEGATRON_CROC_INJECT_NONFINITE": "2,3,4"})
