@@ -1,12 +1,16 @@
-"""Helpers shared by the tests and the benchmarks: a multi-process gloo launcher and a synthetic
-micro-batch that follows the batch contract of megatron_croc.data (without depending on it)."""
+"""Helpers shared by the tests and the benchmarks: a multi-process gloo launcher, the README's
+training launcher as a subprocess, and a synthetic micro-batch that follows the batch contract
+of megatron_croc.data (without depending on it)."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
 import socket
+import subprocess
+import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -151,3 +155,15 @@ def synthetic_batch(
         "images": torch.stack(images) if images else torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8),
         "image_keys": torch.tensor(image_keys, dtype=torch.long),
     }
+
+
+def run_launcher(args: list[str], *, output_dir: str, env: dict[str, str] | None = None,
+                 timeout: float = 900) -> subprocess.CompletedProcess:
+    """``bash examples/pretrain_croc.sh ARGS`` (the README's main command) with this
+    interpreter, outputs under ``output_dir``, and no distributed variables inherited from the
+    calling process (its torchrun picks its own)."""
+    root = Path(__file__).resolve().parents[1]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    clean.update(PYTHON=sys.executable, OUTPUT_DIR=str(output_dir), **(env or {}))
+    return subprocess.run(["bash", str(root / "examples" / "pretrain_croc.sh"), *args], cwd=root, env=clean,
+                          capture_output=True, text=True, timeout=timeout)

@@ -4,26 +4,18 @@ the last lines say where."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from megatron_croc.testing import run_launcher
+
 pytestmark = pytest.mark.parallel
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_launcher_end_to_end(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    env.update(PYTHON=sys.executable, OUTPUT_DIR=str(tmp_path / "run"))
-    out = subprocess.run(
-        ["bash", str(ROOT / "examples" / "pretrain_croc.sh"), "--train-iters", "40", "--log-interval", "10",
-         "--save-interval", "20", "--eval-interval", "20", "--eval-iters", "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
+    out = run_launcher(["--train-iters", "40", "--log-interval", "10", "--save-interval", "20",
+                        "--eval-interval", "20", "--eval-iters", "2"], output_dir=tmp_path / "run")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     losses = [float(m) for m in re.findall(r"^iteration .*?\| lm loss: ([0-9.]+)", out.stdout, re.M)]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, out.stdout

@@ -73,3 +73,17 @@ def make_dataset(prefix: Path, lengths: list[int], *, image_size: int = 4, with_
             "image": {"size": image_size, "transform": "pad", "storage": "pixels"}}
     Path(meta_path(prefix)).write_text(json.dumps(meta))
     return str(prefix)
+
+
+def supervised_runs(tokens, loss_mask) -> list[list[int]]:
+    """The maximal runs of supervised tokens (answer + EOS each), in order."""
+    runs, cur = [], []
+    for t, m in zip(list(tokens), list(loss_mask)):
+        if m:
+            cur.append(int(t))
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return runs

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import jpeg_bytes, png_bytes, write_jsonl
+from data_helpers import jpeg_bytes, png_bytes, supervised_runs, write_jsonl
 from PIL import Image
 
 from megatron_croc.data.constants import IMAGE_TOKEN_ID
@@ -153,14 +153,7 @@ def test_round_trip_tokens_masks_images(corrupt, processed, sp_model_path):
             text = tok.decode(s.tokens)
             assert "USER: <image>\nDescribe the image. ASSISTANT:" in text  # image moved to the front
         # supervised runs = answers + EOS, nothing else
-        runs, cur = [], []
-        for t, m in zip(s.tokens.tolist(), s.loss_mask.tolist()):
-            if m:
-                cur.append(t)
-            elif cur:
-                runs.append(cur)
-                cur = []
-        runs.append(cur)
+        runs = supervised_runs(s.tokens.tolist(), s.loss_mask.tolist())
         assert [tok.decode(r[:-1]).strip() for r in runs] == answers and all(r[-1] == tok.eos_id for r in runs)
 
 

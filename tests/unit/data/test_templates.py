@@ -9,7 +9,7 @@ from megatron_croc.data.constants import IMAGE_TOKEN_ID
 from megatron_croc.data.templates import TemplateError, Turn, get_template
 from megatron_croc.data.tokenizers import TokenizerError, build_tokenizer
 
-from data_helpers import HF_VOCAB
+from data_helpers import HF_VOCAB, supervised_runs
 
 IMG = "<IMG>"
 
@@ -132,14 +132,7 @@ def test_sentencepiece_vicuna_matches_whole_string_tokenization(sp_model_path):
     assert sp.id_to_piece(t[p + 1]) in ("\n", "<0x0A>")
     assert tok.decode(t) == "Be brief. USER: <image>\nWhat is it? ASSISTANT: A red circle.USER: Count? ASSISTANT: Two."
     # Supervised runs: each answer plus its EOS, nothing else.
-    runs, cur = [], []
-    for i, mm in zip(t, m):
-        if mm:
-            cur.append(i)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    runs.append(cur)
+    runs = supervised_runs(t, m)
     assert [r[-1] for r in runs] == [sp.eos_id()] * 2
     assert [sp.decode(r[:-1]).strip() for r in runs] == ["A red circle.", "Two."]
     assert sum(m) == sum(len(r) for r in runs)
