@@ -871,7 +871,7 @@ def megatron_to_hf(
     ``vision`` also provide the HF configs, the tokenizer, the image processor and CLIP's unused
     last layer (the frozen original). Returns the folder.
     """
-    from megatron_croc.convert.streaming import CheckpointReader, build_meta_stage
+    from megatron_croc.convert.streaming import CheckpointReader, build_meta_stage, read_checkpoint_metadata
 
     start = time.time()
     load = Path(load)
@@ -907,9 +907,7 @@ def megatron_to_hf(
             config = config.replace(language=dataclasses.replace(config.language, vocab_size=int(vocab)))
 
     # -- what the checkpoint holds --
-    from torch.distributed.checkpoint import FileSystemReader
-
-    keys = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    keys = read_checkpoint_metadata(ckpt)
     has_pool = "pool.weight" in keys
     pool_size = int(keys["pool.weight"].size[0]) if has_pool else config.croc.pool_size
     config = config.replace(
@@ -917,10 +915,10 @@ def megatron_to_hf(
         parallel=ParallelConfig(), precision=PrecisionConfig(),
     )
     meta = build_meta_stage(config)
-    reader = CheckpointReader(ckpt, meta)
+    reader = CheckpointReader(ckpt, meta, metadata=keys)
     problems = reader.check_shapes()
     emb = "language_model.embedding.word_embeddings.weight"
-    stored_rows = int(keys[reader.key(emb)].size[0]) if reader.present(emb) else 0
+    stored_rows = reader.stored_shape(emb)[0] if reader.present(emb) else 0
     if stored_rows < config.language.vocab_size:
         problems.append(f"{reader.key(emb)}: {stored_rows} rows, fewer than the vocabulary {config.language.vocab_size} "
                         "(pass the right --vocab-size)")

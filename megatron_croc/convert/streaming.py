@@ -293,6 +293,16 @@ def save_streaming(
 # ---------------------------------------------------------------------------------------------
 
 
+def read_checkpoint_metadata(checkpoint_dir: Path) -> dict:
+    """The stored tensors' metadata (key -> shape, dtype) of a dist checkpoint folder."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise ConvertError(f"{checkpoint_dir}: not a readable megatron-core dist checkpoint ({e})") from None
+
+
 class CheckpointReader:
     """Full tensors of a dist checkpoint (any TP/PP layout), a few at a time.
 
@@ -302,14 +312,9 @@ class CheckpointReader:
     layer of a stacked tensor), so nothing else is loaded.
     """
 
-    def __init__(self, checkpoint_dir: str | Path, model):
-        from torch.distributed.checkpoint import FileSystemReader
-
+    def __init__(self, checkpoint_dir: str | Path, model, metadata: dict | None = None):
         self.dir = Path(checkpoint_dir)
-        try:
-            self.metadata = FileSystemReader(str(self.dir)).read_metadata().state_dict_metadata
-        except Exception as e:
-            raise ConvertError(f"{self.dir}: not a readable megatron-core dist checkpoint ({e})") from None
+        self.metadata = read_checkpoint_metadata(self.dir) if metadata is None else metadata
         self.where: dict[str, tuple[str, int | None, ChunkTarget]] = {}
         self.flexible: set[str] = set()  # vocabulary-padded: the stored row count may differ
         for local_name, value in model.sharded_state_dict().items():
