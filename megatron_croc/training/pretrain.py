@@ -315,7 +315,7 @@ def train(config: TrainConfig) -> dict[str, object]:
             update_ok, grad_norm, _ = optimizer.step()
             finite = bool(update_ok) and (grad_norm is None or math.isfinite(grad_norm))
         iteration += 1
-        lr_used = _group_lrs(optimizer)["main"]
+        lr_used = next(iter(_group_lrs(optimizer).values()))  # the first group's (align trains no "main")
         if finite:
             scheduler.step(increment=config.global_batch_size)  # as Megatron: not after a skipped update
             consecutive_skips = 0
