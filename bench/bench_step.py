@@ -581,16 +581,12 @@ def _init(args) -> torch.device:
         os.environ["MEGATRON_CROC_FORCE_CPU"] = "1"
     elif not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA GPU is visible; use --device cpu --tiny")
-    if "RANK" not in os.environ:  # a world of one
-        from megatron_croc.testing import free_port
-
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    from megatron_croc.distributed import init_model_parallel, init_process_group
     from megatron_croc.platform import init_platform
-    from megatron_croc.testing import init_distributed
 
     platform = init_platform(force_cpu=args.device == "cpu")
-    init_distributed(seed=args.seed)
+    init_process_group(platform.backend)  # a world of one unless launched by torchrun
+    init_model_parallel(seed=args.seed)
     from megatron_croc.models.attention import raise_recompile_limit
 
     raise_recompile_limit()

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from megatron_croc.data.constants import CLIP_MEAN, CLIP_STD  # noqa: F401  (re-exported for models.vision)
+
+if TYPE_CHECKING:  # torch is imported where it is used: argument parsing and --help stay fast
+    import torch
 
 Stage = Literal["align", "croc", "instruct"]
 AttentionVariant = Literal["causal", "visual", "prefix"]
@@ -144,9 +145,13 @@ class ModelConfig:
     recompute_num_layers: int = 1
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
+    # Seeds the initial weights, which are the same at every parallel layout (models.initialization).
+    seed: int = 1234
 
     @property
-    def params_dtype(self) -> torch.dtype:
+    def params_dtype(self) -> "torch.dtype":
+        import torch
+
         return torch.bfloat16 if self.precision.bf16 else torch.float32
 
     @property
@@ -339,9 +344,12 @@ def _common_transformer_kwargs(config: ModelConfig) -> dict[str, object]:
         pipeline_dtype=config.params_dtype,
         fp8=prec.fp8_format,
         fp8_recipe=prec.fp8_recipe,
-        # Initialise on the CPU with the full-size master weights, then shard: TP=1 and TP=2
-        # start from the same numbers, which the TP-equivalence tests and users rely on.
+        # Parameters are allocated on the default device (a `torch.device` context: the GPU
+        # when training, "meta" when converting) and drawn by CrocModel itself, layout-
+        # independently (models.initialization); megatron-core's own draws would depend on
+        # the layout and be overwritten.
         use_cpu_initialization=True,
+        perform_initialization=False,
         init_method_std=config.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -361,6 +369,7 @@ def _common_transformer_kwargs(config: ModelConfig) -> dict[str, object]:
 
 def language_transformer_config(config: ModelConfig):
     """megatron-core TransformerConfig for the Llama-architecture LLM."""
+    import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     lm = config.language
@@ -419,6 +428,7 @@ def vision_transformer_config(config: ModelConfig):
 
 def projector_transformer_config(config: ModelConfig):
     """Config for the mlp2x_gelu projector (Linear(vision->H), GELU, Linear(H->H))."""
+    import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     lm = config.language

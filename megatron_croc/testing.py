@@ -1,98 +1,38 @@
-"""Helpers shared by the tests and the benchmarks: a multi-process gloo launcher, the README's
-training launcher as a subprocess, and a synthetic micro-batch that follows the batch contract
-of megatron_croc.data (without depending on it)."""
+"""Helpers shared by the tests and the benchmarks: a multi-process gloo world (through
+megatron_croc.distributed, which production code uses too), the README's training launcher as a
+subprocess, and a synthetic micro-batch that follows the batch contract of megatron_croc.data
+(without depending on it). Production code imports nothing from here."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child(worker: Callable[..., Any], rank: int, world_size: int, port: int, queue, kwargs: dict) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    try:
-        result = worker(rank=rank, world_size=world_size, **kwargs)
-        queue.put((rank, "ok", result))
-    except BaseException:  # report every failure, with its traceback, to the parent
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+from megatron_croc.distributed import free_port, init_model_parallel, init_process_group, spawn  # noqa: F401
 
 
 def run_distributed(worker: Callable[..., Any], world_size: int, *, timeout: float = 600, **kwargs) -> list[Any]:
     """Run ``worker(rank=, world_size=, **kwargs)`` in ``world_size`` spawned processes (the
     worker sets up its own process group from the usual env vars) and return the results in
-    rank order. A failure in any rank raises with that rank's traceback."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_child, args=(worker, rank, world_size, port, queue, kwargs), daemon=False)
-        for rank in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    errors: list[str] = []
-    try:
-        for _ in range(world_size):
-            rank, status, payload = queue.get(timeout=timeout)
-            if status == "ok":
-                results[rank] = payload
-            else:
-                errors.append(f"rank {rank} failed:\n{payload}")
-                break
-    finally:
-        for p in procs:
-            p.join(timeout=5 if errors else 60)
-            if p.is_alive():
-                p.kill()
-    if errors or len(results) != world_size:
-        raise RuntimeError("\n".join(errors) or f"only {len(results)} of {world_size} ranks reported")
-    return [results[r] for r in range(world_size)]
+    rank order. A failure in any rank raises with that rank's traceback; a hang fails after
+    ``timeout`` seconds (:func:`megatron_croc.distributed.spawn`)."""
+    return spawn(worker, world_size, timeout=timeout, **kwargs)
 
 
 def init_distributed(*, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                      virtual_pipeline_parallel: int | None = None, seed: int = 1234) -> None:
     """Process group (gloo on CPU, NCCL on GPU) and megatron-core's parallel state, for a
     process started by torchrun or :func:`run_distributed`."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
     from megatron_croc.platform import init_platform
 
-    platform = init_platform()
-    if not dist.is_initialized():
-        dist.init_process_group(platform.backend)
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_parallel,
-        pipeline_model_parallel_size=pipeline_parallel,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
-    )
-    model_parallel_cuda_manual_seed(seed)
+    init_process_group(init_platform().backend)
+    init_model_parallel(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+                        virtual_pipeline_parallel=virtual_pipeline_parallel, seed=seed)
 
 
 def synthetic_batch(
@@ -157,13 +97,25 @@ def synthetic_batch(
     }
 
 
+def _launcher_call(args: list[str], output_dir: str, env: dict[str, str] | None):
+    root = Path(__file__).resolve().parents[1]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    clean.update(PYTHON=sys.executable, OUTPUT_DIR=str(output_dir), **(env or {}))
+    return ["bash", str(root / "examples" / "pretrain_croc.sh"), *args], root, clean
+
+
 def run_launcher(args: list[str], *, output_dir: str, env: dict[str, str] | None = None,
                  timeout: float = 900) -> subprocess.CompletedProcess:
     """``bash examples/pretrain_croc.sh ARGS`` (the README's main command) with this
     interpreter, outputs under ``output_dir``, and no distributed variables inherited from the
     calling process (its torchrun picks its own)."""
-    root = Path(__file__).resolve().parents[1]
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    clean.update(PYTHON=sys.executable, OUTPUT_DIR=str(output_dir), **(env or {}))
-    return subprocess.run(["bash", str(root / "examples" / "pretrain_croc.sh"), *args], cwd=root, env=clean,
-                          capture_output=True, text=True, timeout=timeout)
+    cmd, cwd, clean = _launcher_call(args, output_dir, env)
+    return subprocess.run(cmd, cwd=cwd, env=clean, capture_output=True, text=True, timeout=timeout)
+
+
+def start_launcher(args: list[str], *, output_dir: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """:func:`run_launcher` without waiting: the job runs while the caller signals it. Its
+    stdout is a text pipe read line by line; stderr is collected separately."""
+    cmd, cwd, clean = _launcher_call(args, output_dir, env)
+    return subprocess.Popen(cmd, cwd=cwd, env=clean, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            bufsize=1)

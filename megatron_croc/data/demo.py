@@ -270,11 +270,14 @@ def ensure_demo_dataset(
     num_image_tokens: int = 16,
     image_transform: str = "pad",
     render_size: int = 64,
+    tokenizer_model: str | os.PathLike[str] | None = None,
 ) -> DemoDataset:
     """Get (or build, in a few seconds) the demo dataset cached under ``out_dir``.
 
     The cache key covers every argument, so different settings live side by side in
     ``out_dir/demo-<key>/``; a folder without a finished sidecar is rebuilt.
+    ``tokenizer_model``: tokenize with this SentencePiece model (e.g. the training set's, for a
+    validation set) instead of training one on this set's text.
     """
     from megatron_croc.data.indexed import meta_path, read_meta
     from megatron_croc.data.preprocess import PreprocessConfig, run_preprocess
@@ -284,6 +287,8 @@ def ensure_demo_dataset(
         "template": template, "seq_length": seq_length, "num_image_tokens": num_image_tokens,
         "image_transform": image_transform, "render_size": render_size,
     }
+    if tokenizer_model is not None:
+        params["tokenizer_sha256"] = hashlib.sha256(Path(tokenizer_model).read_bytes()).hexdigest()
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(out_dir)
     folder = root / f"demo-{key}"
@@ -295,7 +300,11 @@ def ensure_demo_dataset(
             source_json, image_folder = write_demo_source(folder / "source", num_samples=num_samples, seed=seed,
                                                           render_size=render_size)
             records = json.loads(Path(source_json).read_text())
-            tok = train_demo_tokenizer(records, folder / "tokenizer.model")
+            if tokenizer_model is None:
+                tok = train_demo_tokenizer(records, folder / "tokenizer.model")
+            else:
+                tok = str(folder / "tokenizer.model")
+                shutil.copyfile(tokenizer_model, tok)
             run_preprocess(
                 PreprocessConfig(
                     inputs=[source_json], image_folder=image_folder, output_prefix=prefix,

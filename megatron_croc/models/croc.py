@@ -33,9 +33,14 @@ from megatron_croc.config import (
 )
 from megatron_croc.models import specs
 from megatron_croc.models.attention import AttentionLayout
+from megatron_croc.models.initialization import initialize_parameters
 from megatron_croc.models.matching import PendingAssignment, assign_async, resolve_solver
 from megatron_croc.models.prompt_pool import PromptPool, draw_mask_positions
 from megatron_croc.models.vision import VisionTower
+
+
+# Checkpoint keys of the tensors with a row per (padded) vocabulary entry.
+VOCAB_KEYS = ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +147,12 @@ class CrocModel(MegatronModule):
             else None
         )
         self._freeze_for_stage()
+        # The same initial weights at every parallel layout, drawn from config.seed (the pool
+        # draws its own from the same seed). A checkpoint load overwrites what it holds.
+        initialize_parameters(
+            self, seed=config.seed, self_initialised=(PromptPool,),
+            vocab_rows={key: config.language.vocab_size for key in VOCAB_KEYS},
+        )
 
     # -- stage presets (SPEC §1.5) --------------------------------------------------------------
 

@@ -48,14 +48,15 @@ class PromptPool(MegatronModule):
     def __init__(self, config, *, pool_size: int, hidden_size: int, init: str, seed: int):
         super().__init__(config=config)
         generator = torch.Generator().manual_seed(_mask_seed(seed, -1))
-        weight = torch.randn(pool_size, hidden_size, generator=generator)
+        # drawn on the CPU whatever the default device: the same pool on every machine
+        weight = torch.randn(pool_size, hidden_size, generator=generator, device="cpu")
         if init == "token_scale":
             # Visual tokens are unit-norm; an N(0,1) pool has norms ~sqrt(H), and then the
             # nearest entry is decided by the pool norms alone (SPEC §1.2 pitfall).
             weight = weight / weight.norm(dim=-1, keepdim=True)
         elif init != "normal":
             raise ValueError(f"unknown pool init {init!r}: use 'token_scale' or 'normal'")
-        self.weight = torch.nn.Parameter(weight.to(config.params_dtype))
+        self.weight = torch.nn.Parameter(weight.to(device=torch.get_default_device(), dtype=config.params_dtype))
         # Read by the optimizer's parameter groups: the pool takes no weight decay.
         self.weight.no_weight_decay = True
 

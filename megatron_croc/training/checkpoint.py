@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,6 @@ from megatron_croc.config import STAGE_SPECIFIC_PREFIXES
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class CheckpointConfig:
-    save: str | None = None
-    load: str | None = None
-    save_interval: int | None = None
-    keep_last: int = 2
-    no_load_optim: bool = False
-    no_load_rng: bool = False
 
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
@@ -71,6 +60,42 @@ def resolve_checkpoint_dir(path: str | os.PathLike, iteration: int | None = None
     if not (ckpt / ".metadata").exists():
         raise FileNotFoundError(f"--load {path}: {ckpt} is missing or incomplete (no .metadata)")
     return ckpt
+
+
+def checkpoint_common_state(folder: str | os.PathLike) -> dict[str, Any]:
+    """The non-tensor state of one checkpoint folder (iteration, stage, schedule, ...); needs no
+    process group, so the launcher can read it before any rank starts."""
+    from megatron.core import dist_checkpointing
+
+    return dict(dist_checkpointing.load_common_state_dict(str(folder)))
+
+
+def checkpoint_tensor_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Global shape of every tensor a checkpoint folder holds, by key (layers stacked on a
+    leading axis), read from its metadata alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    stored = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return {k: tuple(v.size) for k, v in stored.items() if isinstance(v, TensorStorageMetadata)}
+
+
+RUN_STATE_FILE = "run_state.json"
+
+
+def write_run_state(root: str, *, iteration: int, train_iters: int, stopped_by: str | None) -> None:
+    """``--save``/run_state.json: how the last process of the run ended (rank 0 writes it,
+    atomically). A Slurm script requeues a job whose run is not complete
+    (examples/slurm/pretrain_croc.sbatch)."""
+    import json
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    path = Path(root) / RUN_STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"iteration": iteration, "train_iters": train_iters,
+                               "complete": iteration >= train_iters, "stopped_by": stopped_by}, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def _layout() -> dict[str, int]:
@@ -291,6 +316,7 @@ def load_checkpoint(
     stage: str,
     no_load_optim: bool = False,
     no_load_rng: bool = False,
+    override_scheduler: bool = False,
     iteration: int | None = None,
 ) -> dict[str, Any]:
     """Load the latest (or the given) checkpoint into the model, and the optimizer, scheduler
@@ -338,7 +364,14 @@ def load_checkpoint(
         if wrong:
             raise KeyError(f"{ckpt}: no values for {wrong[:5]}")
     if load_optim:
+        # The optimizer's parameter groups carry each group's peak and final LR (projector,
+        # pool); loading restores the checkpoint's. --override-opt-param-scheduler keeps this
+        # command's, as the scheduler does for the main LR.
+        command_lrs = [(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
+        if override_scheduler:
+            for group, (max_lr, min_lr) in zip(optimizer.param_groups, command_lrs):
+                group["max_lr"], group["min_lr"] = max_lr, min_lr
         _unshare_torch_adam_steps(optimizer)
         if scheduler is not None:
             scheduler.load_state_dict(common["scheduler"])

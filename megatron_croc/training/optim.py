@@ -8,26 +8,9 @@ Parameter groups (all through megatron-core's ``config_overrides``, nothing hand
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 
-
-@dataclass(frozen=True, kw_only=True)
-class OptimConfig:
-    lr: float = 2e-5
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    lr_warmup_fraction: float = 0.03
-    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    projector_lr: float | None = None
-    pool_lr: float | None = None
-    use_distributed_optimizer: bool = False
+from megatron_croc.training.config import OptimConfig
 
 
 PROJECTOR_PARAMS = "*vision.projector.*"
@@ -69,21 +52,41 @@ def build_optimizer(config: OptimConfig, model_chunks: list, *, bf16: bool):
     return get_megatron_optimizer(optimizer_config, model_chunks, config_overrides=param_group_overrides(config))
 
 
+def lr_schedule(config: OptimConfig, *, train_iters: int, global_batch_size: int) -> dict:
+    """The LR schedule a run follows, in the scheduler's units (samples, like Megatron-LM):
+    what a checkpoint records, and what a resumed run is compared against."""
+    total = train_iters * global_batch_size
+    return {
+        "lr": config.lr, "min_lr": config.min_lr, "lr_warmup_steps": int(config.lr_warmup_fraction * total),
+        "lr_decay_steps": total, "lr_decay_style": config.lr_decay_style,
+        "projector_lr": config.projector_lr, "pool_lr": config.pool_lr, "global_batch_size": global_batch_size,
+    }
+
+
+def schedule_from_scheduler_state(state: dict) -> dict:
+    """:func:`lr_schedule`'s keys from megatron-core's scheduler state (older checkpoints)."""
+    return {"lr": state["max_lr"], "min_lr": state["min_lr"], "lr_warmup_steps": state["lr_warmup_steps"],
+            "lr_decay_steps": state["lr_decay_steps"], "lr_decay_style": state["lr_decay_style"]}
+
+
 def build_scheduler(config: OptimConfig, optimizer, *, train_iters: int, global_batch_size: int):
-    """megatron-core's OptimizerParamScheduler, stepped in samples like Megatron-LM."""
+    """megatron-core's OptimizerParamScheduler, stepped in samples like Megatron-LM. On resume,
+    it follows Megatron's override / use-checkpoint flags (preflight has refused a silent change)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    total = train_iters * global_batch_size
+    schedule = lr_schedule(config, train_iters=train_iters, global_batch_size=global_batch_size)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=config.lr,
-        min_lr=config.min_lr,
-        lr_warmup_steps=int(config.lr_warmup_fraction * total),
-        lr_decay_steps=total,
-        lr_decay_style=config.lr_decay_style,
+        max_lr=schedule["lr"],
+        min_lr=schedule["min_lr"],
+        lr_warmup_steps=schedule["lr_warmup_steps"],
+        lr_decay_steps=schedule["lr_decay_steps"],
+        lr_decay_style=schedule["lr_decay_style"],
         start_wd=config.weight_decay,
         end_wd=config.weight_decay,
-        wd_incr_steps=total,
+        wd_incr_steps=schedule["lr_decay_steps"],
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=config.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=config.override_opt_param_scheduler,
     )

@@ -2,30 +2,39 @@
 
     torchrun --nproc-per-node N -m megatron_croc.training.pretrain [Megatron-style flags]
 
-With no ``--data-path`` it runs the embedded default: the tiny Croc model on the bundled demo
-data (generated in seconds on first use), on the CPU when there is no GPU.
+(``examples/pretrain_croc.sh`` runs this through :mod:`megatron_croc.training.launcher`.) With
+no ``--data-path`` it runs the embedded default: the tiny Croc model on the bundled demo data
+(generated in seconds on first use), on the CPU when there is no GPU.
+
+How a run ends:
+- done (``--train-iters`` reached), or stopped early by ``--exit-signal-handler``,
+  ``--exit-duration-in-mins`` or ``--exit-interval``: a checkpoint (with ``--save``), exit 0;
+- a bad input: one ``error:`` line from rank 0, exit 2, before any process group exists;
+- an exception on any rank: its message once, tagged with the rank's TP/PP/DP coordinates, and
+  that process exits at once (``distributed.exit_after_failure``); the launcher then stops the
+  other ranks. Nothing waits on a peer that has died: no barrier in a ``finally``.
+
+Heavy imports (torch, megatron-core) happen inside the functions, so ``--help`` is instant.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-import torch.distributed as dist
+from megatron_croc.config import ConfigError
+from megatron_croc.training.config import TrainConfig
 
-from megatron_croc.config import ConfigError, ModelConfig, validate
-from megatron_croc.platform import Platform, get_platform, init_platform
-from megatron_croc.training.arguments import DEMO_DATA_DIR, TrainConfig, parse_args
-from megatron_croc.training.checkpoint import load_checkpoint, save_checkpoint
-from megatron_croc.training.logging import TrainingLogger
-from megatron_croc.training.optim import build_optimizer, build_scheduler
-from megatron_croc.training.step import StepStats, make_forward_step
+if TYPE_CHECKING:
+    import torch
+
+    from megatron_croc.platform import Platform
+    from megatron_croc.training.preflight import RunPlan
+    from megatron_croc.training.step import StepStats
 
 
 class TrainingError(RuntimeError):
@@ -33,36 +42,25 @@ class TrainingError(RuntimeError):
 
 
 def _rank0_print(*args) -> None:
+    import torch.distributed as dist
+
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, flush=True)
 
 
-def init_distributed(config: TrainConfig, platform: Platform) -> None:
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+def init_distributed(config: TrainConfig, platform: "Platform") -> None:
+    from megatron_croc.distributed import init_model_parallel, init_process_group
 
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python -m ...`: a world of one
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            from megatron_croc.testing import free_port
-
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group(platform.backend)
+    init_process_group(platform.backend)
     par = config.model.parallel
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=par.tensor_model_parallel_size,
-        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
-    )
-    # Same seed on every rank: the model is initialised identically everywhere (CPU init),
-    # megatron-core's tracker derives the per-TP-rank dropout streams from it.
-    torch.manual_seed(config.seed)
-    model_parallel_cuda_manual_seed(config.seed)
+    init_model_parallel(tensor_parallel=par.tensor_model_parallel_size, pipeline_parallel=par.pipeline_model_parallel_size,
+                        virtual_pipeline_parallel=par.virtual_pipeline_model_parallel_size, seed=config.seed)
 
 
-def build_model_chunks(model_config: ModelConfig, platform: Platform) -> list:
-    """One CrocModel per virtual pipeline stage held by this rank, wrapped for bf16 and DDP."""
+def build_model_chunks(model_config, platform: "Platform") -> list:
+    """One CrocModel per virtual pipeline stage held by this rank, wrapped for bf16. Built
+    directly on the device, where each draws its (layout-independent) initial weights."""
+    import torch
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.module import Float16Module
 
@@ -72,13 +70,14 @@ def build_model_chunks(model_config: ModelConfig, platform: Platform) -> list:
     chunks = []
     for v in range(vp or 1):
         vp_stage = v if vp else None
-        chunk = CrocModel(
-            model_config,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            use_te=platform.has_te,
-            vp_stage=vp_stage,
-        )
+        with torch.device(platform.device):
+            chunk = CrocModel(
+                model_config,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                use_te=platform.has_te,
+                vp_stage=vp_stage,
+            )
         chunk.to(platform.device)
         if model_config.precision.bf16:
             chunk = Float16Module(chunk.config, chunk)
@@ -102,45 +101,6 @@ def wrap_ddp(chunks: list, config: TrainConfig) -> list:
         )
         for i, chunk in enumerate(chunks)
     ]
-
-
-def _resolve_data(config: TrainConfig) -> TrainConfig:
-    """Point the embedded default at the demo data (built on first use) and size the
-    vocabulary from the data's tokenizer."""
-    from megatron_croc.data.indexed import read_meta
-
-    data = config.data
-    model = config.model
-    if data.demo:
-        from megatron_croc.data.demo import ensure_demo_dataset
-
-        demo_kwargs = dict(image_size=model.vision.image_size, num_image_tokens=model.vision.num_image_tokens,
-                           seq_length=data.seq_length)
-        if dist.get_rank() == 0:  # built once, by one rank; then every rank opens it
-            ensure_demo_dataset(DEMO_DATA_DIR, **demo_kwargs)
-            ensure_demo_dataset(DEMO_DATA_DIR, num_samples=128, seed=config.seed + 1, **demo_kwargs)
-        dist.barrier()
-        train = ensure_demo_dataset(DEMO_DATA_DIR, **demo_kwargs)
-        valid = ensure_demo_dataset(DEMO_DATA_DIR, num_samples=128, seed=config.seed + 1, **demo_kwargs)
-        data = dataclasses.replace(data, data_path=((None, train.prefix),), valid_data_path=((None, valid.prefix),))
-    metas = [read_meta(prefix) for _, prefix in data.data_path]
-    vocab = max(m["tokenizer"]["vocab_size"] for m in metas)
-    image_size = {m["image"]["size"] for m in metas if m["image"].get("size")}
-    if image_size and image_size != {model.vision.image_size}:
-        raise ConfigError(
-            f"--data-path images are {sorted(image_size)} px but the {model.vision.image_size} px vision encoder "
-            "needs its own size; preprocess again with --image-size "
-            f"{model.vision.image_size}"
-        )
-    language = model.language
-    if data.demo or config.model.language.vocab_size < vocab:
-        if not data.demo:
-            raise ConfigError(
-                f"the data's tokenizer has {vocab} tokens but the model's vocabulary has "
-                f"{language.vocab_size}; pass --vocab-size or preprocess with the model's tokenizer"
-            )
-        language = dataclasses.replace(language, vocab_size=vocab)
-    return dataclasses.replace(config, data=data, model=model.replace(language=language))
 
 
 def _data_iterators(config: TrainConfig, consumed_samples: int, *, pin_memory: bool, valid: bool = False):
@@ -168,15 +128,18 @@ def _data_iterators(config: TrainConfig, consumed_samples: int, *, pin_memory: b
     ]
 
 
-def _reduce_step(losses: list[dict[str, torch.Tensor]], stats: StepStats, chunks: list, device: torch.device, *,
-                 check_grads: bool) -> tuple[dict[str, float], int, int, bool]:
-    """The step's reported numbers and whether it is finite, agreed by all ranks: on the last
-    stage one data-parallel all-reduce of [loss parts averaged over micro-batches, samples,
-    images]; then one all-rank MAX of "losses or (``check_grads``) gradients not finite". On the
+def _reduce_step(losses: list[dict], stats: "StepStats", chunks: list, device: "torch.device", *,
+                 check_grads: bool, stop_request: int = 0) -> tuple[dict[str, float], int, int, bool, int]:
+    """The step's reported numbers, whether it is finite, and the agreed exit request (a code
+    of training.exits), agreed by all ranks: on the last stage one data-parallel all-reduce of
+    [loss parts averaged over micro-batches, samples, images]; then one all-rank MAX of
+    ["losses or (``check_grads``) gradients not finite", this rank's exit request]. On the
     device (NCCL reduces no CPU tensors), read back once each."""
+    import torch
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    not_finite = torch.zeros((), device=device)
+    flags = torch.tensor([0.0, float(stop_request)], device=device)
     parts: dict[str, float] = {}
     num_samples = num_images = 0
     last = ps.is_pipeline_last_stage(ignore_virtual=True)
@@ -186,24 +149,28 @@ def _reduce_step(losses: list[dict[str, torch.Tensor]], stats: StepStats, chunks
         counts = torch.tensor([stats.num_samples, stats.num_images], dtype=torch.float64, device=device)
         packed = torch.cat([torch.stack(means).to(device) if means else counts[:0], counts])
         dist.all_reduce(packed, group=ps.get_data_parallel_group())
-        not_finite = (~torch.isfinite(packed)).any().float()
+        flags[0] = (~torch.isfinite(packed)).any().float()
     if check_grads:
         grads = [torch.isfinite(b.grad_data).all() for chunk in chunks for b in chunk.buffers]
         if grads:
-            not_finite = torch.maximum(not_finite, (~torch.stack(grads).all()).float().to(device))
-    dist.all_reduce(not_finite, op=dist.ReduceOp.MAX)
-    finite = not_finite.item() == 0.0
+            flags[0] = torch.maximum(flags[0], (~torch.stack(grads).all()).float().to(device))
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    not_finite, stop = flags.tolist()
     if last:
         host = packed.tolist()
         dp = ps.get_data_parallel_world_size()
         parts = {k: v / dp for k, v in zip(keys, host)}
         num_samples, num_images = int(host[-2]), int(host[-1])
-    return parts, num_samples, num_images, finite
+    return parts, num_samples, num_images, not_finite == 0.0, int(stop)
 
 
-def evaluate(config: TrainConfig, forward_backward, chunks, iterators, forward_step, stats: StepStats,
+def evaluate(config: TrainConfig, forward_backward, chunks, iterators, forward_step, stats: "StepStats",
              num_microbatches: int, seq_length: int) -> dict[str, float]:
     """Mean loss parts over ``--eval-iters`` global batches of the validation data."""
+    import torch
+
+    from megatron_croc.platform import get_platform
+
     for chunk in chunks:
         chunk.eval()
     totals: dict[str, float] = {}
@@ -215,7 +182,7 @@ def evaluate(config: TrainConfig, forward_backward, chunks, iterators, forward_s
                 model=chunks, num_microbatches=num_microbatches, seq_length=seq_length,
                 micro_batch_size=config.micro_batch_size, forward_only=True,
             )
-            parts, _, _, _ = _reduce_step(losses, stats, chunks, get_platform().device, check_grads=False)
+            parts, _, _, _, _ = _reduce_step(losses, stats, chunks, get_platform().device, check_grads=False)
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v / config.eval_iters
     for chunk in chunks:
@@ -223,19 +190,26 @@ def evaluate(config: TrainConfig, forward_backward, chunks, iterators, forward_s
     return totals
 
 
-def train(config: TrainConfig) -> dict[str, object]:
-    """Run training; returns a summary (per-iteration losses, paths) for callers and tests."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.utils import get_model_config
+def train(config: TrainConfig, *, plan: "RunPlan | None" = None) -> dict[str, object]:
+    """Run training; returns a summary (per-iteration losses, paths, how it ended) for callers
+    and tests. ``plan``: the checked plan of :func:`preflight.plan_run` (made here if absent)."""
+    import torch.distributed as dist
 
-    from megatron_croc.models.croc import pipeline_tensor_seq_length
+    from megatron_croc.platform import init_platform
+    from megatron_croc.training.checkpoint import load_checkpoint
+    from megatron_croc.training.exits import ExitConditions
+    from megatron_croc.training.optim import build_optimizer, build_scheduler
+    from megatron_croc.training.preflight import plan_run
 
     platform = init_platform()
-    validate(config.model, has_te=platform.has_te, has_apex=platform.has_apex)
+    if plan is None:
+        plan = plan_run(config, has_te=platform.has_te, has_apex=platform.has_apex)
+    config = plan.config
+    if plan.nothing_to_do:
+        return {"history": [], "last_checkpoint": None, "wall_time_s": 0.0, "iteration": plan.resume_iteration,
+                "start_iteration": plan.resume_iteration, "iterations_run": 0, "skipped": 0,
+                "is_writer": True, "stopped_by": None, "nothing_to_do": plan.nothing_to_do}
     init_distributed(config, platform)
-    config = _resolve_data(config)  # only the vocabulary size changes, which validate does not check
     model_config = config.model
     rank, world = dist.get_rank(), dist.get_world_size()
     is_writer = rank == world - 1  # on the last pipeline stage, where the losses are
@@ -252,6 +226,7 @@ def train(config: TrainConfig) -> dict[str, object]:
             config.checkpoint.load, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler,
             stage=model_config.croc.stage, no_load_optim=config.checkpoint.no_load_optim,
             no_load_rng=config.checkpoint.no_load_rng,
+            override_scheduler=config.optim.override_opt_param_scheduler,
         )
         iteration = int(common["iteration"])
         # what tools/convert_checkpoint.py recorded (the HF source), so exports need no flags
@@ -260,12 +235,37 @@ def train(config: TrainConfig) -> dict[str, object]:
         consumed = int(common.get("data", {}).get("consumed_samples", 0))
         _rank0_print(f"loaded {config.checkpoint.load} at iteration {iteration} "
                      f"(optimizer state: {'yes' if common['loaded_optimizer'] else 'no, fresh'}; "
-                     f"initialised fresh: {common['initialised_fresh'] or 'nothing'})")
+                     f"initialised fresh: {', '.join(common['initialised_fresh']) or 'nothing'})")
 
+    pin = platform.device.type == "cuda"
+    # before the data loader starts its workers: they inherit the handler (see training.exits)
+    exits = ExitConditions(config=config.exit).install()
+    try:
+        return _train_loop(config, plan, platform, chunks, optimizer, scheduler, exits, iteration=iteration,
+                           consumed=consumed, carried_state=carried_state, pin=pin, is_writer=is_writer, world=world)
+    finally:
+        exits.uninstall()
+
+
+def _train_loop(config, plan, platform, chunks, optimizer, scheduler, exits, *, iteration, consumed, carried_state,
+                pin, is_writer, world):
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
+
+    from megatron_croc.models.croc import pipeline_tensor_seq_length
+    from megatron_croc.training.checkpoint import save_checkpoint, write_run_state
+    from megatron_croc.training.fault_injection import nonfinite_iterations, planned_fault
+    from megatron_croc.training.logging import TrainingLogger
+    from megatron_croc.training.optim import lr_schedule
+    from megatron_croc.training.step import StepStats, make_forward_step
+
+    model_config = config.model
+    start_iteration = iteration
     dp = ps.get_data_parallel_world_size()
     num_microbatches = config.global_batch_size // (config.micro_batch_size * dp)
     seq_length = pipeline_tensor_seq_length(model_config, config.data.seq_length)
-    pin = platform.device.type == "cuda"
     train_iters = _data_iterators(config, consumed, pin_memory=pin)
     valid_iters = _data_iterators(config, 0, pin_memory=pin, valid=True) if config.eval_interval else None
 
@@ -279,26 +279,43 @@ def train(config: TrainConfig) -> dict[str, object]:
         # activations (measured: losses off by 1e-4). Separate, ordered p2p calls are exact.
         tc.batch_p2p_comm = False
     forward_backward = get_forward_backward_func()
-    stats = StepStats()
+    fault = planned_fault()
+    stats = StepStats(fault)
     # one forward step for training and evaluation (the schedule calls it num_microbatches times)
     forward_step = make_forward_step(model_config, platform.device, stats, num_microbatches=num_microbatches)
     logger = TrainingLogger(model_config=model_config, log_interval=config.log_interval, world_size=world,
                             tensorboard_dir=config.tensorboard_dir, is_writer=is_writer)
-    inject = set(_inject_nonfinite_iterations())
+    inject_nonfinite = nonfinite_iterations()
     history: list[dict[str, float]] = []
     consecutive_skips = total_skips = 0
     last_saved = None
+    stopped_by = None
+    schedule = lr_schedule(config.optim, train_iters=config.train_iters, global_batch_size=config.global_batch_size)
+
+    def save(at: int):
+        if fault is not None:
+            fault.fire("save", at)
+        return save_checkpoint(
+            config.checkpoint.save, at, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler,
+            extra_state={"data": {"consumed_samples": train_iters[0].consumed_samples},
+                         "croc_stage": model_config.croc.stage, "lr_schedule": schedule,
+                         "model_config": {"vocab_size": model_config.language.vocab_size}, **carried_state},
+            keep_last=config.checkpoint.keep_last,
+        )
+
     _rank0_print(
         f"training {model_config.croc.stage} stage: TP={model_config.parallel.tensor_model_parallel_size} "
         f"PP={model_config.parallel.pipeline_model_parallel_size} DP={dp}, {num_microbatches} micro-batches of "
-        f"{config.micro_batch_size} x {config.data.seq_length} tokens per step, iterations {iteration}..{config.train_iters}"
+        f"{config.micro_batch_size} x {config.data.seq_length} tokens per step, iterations "
+        f"{iteration + 1}..{config.train_iters}"
     )
-    for note in config.notes:
+    for note in plan.notes:
         _rank0_print(f"note: {note}")
     start_time = time.perf_counter()
     while iteration < config.train_iters:
         stats.reset()
-        stats.inject_nonfinite = (iteration + 1) in inject
+        stats.iteration = iteration + 1
+        stats.inject_nonfinite = (iteration + 1) in inject_nonfinite
         for chunk in chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
@@ -308,10 +325,11 @@ def train(config: TrainConfig) -> dict[str, object]:
             model=chunks, num_microbatches=num_microbatches, seq_length=seq_length,
             micro_batch_size=config.micro_batch_size, forward_only=False,
         )
-        parts, num_samples, num_images, finite = _reduce_step(losses, stats, chunks, platform.device,
-                                                              check_grads=True)
+        parts, num_samples, num_images, finite, stop = _reduce_step(
+            losses, stats, chunks, platform.device, check_grads=True, stop_request=exits.local_request())
         grad_norm = None
         if finite:
+            stats.maybe_fail("optimizer")
             update_ok, grad_norm, _ = optimizer.step()
             finite = bool(update_ok) and (grad_norm is None or math.isfinite(grad_norm))
         iteration += 1
@@ -341,23 +359,26 @@ def train(config: TrainConfig) -> dict[str, object]:
             if is_writer:
                 print(f"validation at iteration {iteration}: " + " | ".join(f"{k}: {v:.4g}" for k, v in val.items()),
                       flush=True)
+        stopped_by = exits.describe(stop, iteration) if iteration < config.train_iters else None
         should_save = config.checkpoint.save and (
             (config.checkpoint.save_interval and iteration % config.checkpoint.save_interval == 0)
-            or iteration == config.train_iters
+            or iteration == config.train_iters or stopped_by is not None
         )
         if should_save:
-            last_saved = save_checkpoint(
-                config.checkpoint.save, iteration, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler,
-                extra_state={"data": {"consumed_samples": train_iters[0].consumed_samples},
-                             "croc_stage": model_config.croc.stage, **carried_state},
-                keep_last=config.checkpoint.keep_last,
-            )
-        if config.exit_after_iteration is not None and iteration >= config.exit_after_iteration:
+            last_saved = save(iteration)
+        if stopped_by is not None:
+            _rank0_print(f"stopping at iteration {iteration} of {config.train_iters}: {stopped_by}"
+                         + (f"; checkpoint saved (resume with --load {config.checkpoint.save})"
+                            if config.checkpoint.save else "; no --save, nothing saved"))
             break
+    if config.checkpoint.save:
+        write_run_state(config.checkpoint.save, iteration=iteration, train_iters=config.train_iters,
+                        stopped_by=stopped_by)
     logger.close()
     wall = time.perf_counter() - start_time
     return {"history": history, "last_checkpoint": str(last_saved) if last_saved else None, "wall_time_s": wall,
-            "iteration": iteration, "skipped": total_skips, "is_writer": is_writer}
+            "iteration": iteration, "start_iteration": start_iteration, "iterations_run": iteration - start_iteration,
+            "skipped": total_skips, "is_writer": is_writer, "stopped_by": stopped_by, "nothing_to_do": None}
 
 
 def _group_lrs(optimizer) -> dict[str, float]:
@@ -370,39 +391,57 @@ def _group_lrs(optimizer) -> dict[str, float]:
     return lrs
 
 
-def _inject_nonfinite_iterations() -> list[int]:
-    """Testing aid: MEGATRON_CROC_INJECT_NONFINITE="5,6" makes those iterations' loss NaN,
-    to exercise the skip-and-report path end to end."""
-    raw = os.environ.get("MEGATRON_CROC_INJECT_NONFINITE", "")
-    return [int(x) for x in raw.split(",") if x.strip()]
+def _print_summary(summary: dict, config: TrainConfig) -> None:
+    history = summary["history"]
+    ran, start = summary["iterations_run"], summary["start_iteration"]
+    span = f"iterations {start + 1}..{summary['iteration']}" if ran else "no iterations"
+    line = f"done: {ran} iterations this run ({span}) of {config.train_iters} in {summary['wall_time_s']:.1f} s"
+    if summary["stopped_by"]:
+        line += f"; stopped early by {summary['stopped_by']}"
+    if history:
+        fmt = lambda h: ", ".join(f"{k} {v:.4f}" for k, v in h.items() if k != "iteration")  # noqa: E731
+        line += f"; first step: {fmt(history[0])}; last step: {fmt(history[-1])}"
+    print(line, flush=True)
+    if summary["last_checkpoint"]:
+        print(f"checkpoint: {summary['last_checkpoint']} (resume with --load {Path(summary['last_checkpoint']).parent})",
+              flush=True)
+    if config.tensorboard_dir:
+        print(f"TensorBoard logs: {config.tensorboard_dir} (tensorboard --logdir {config.tensorboard_dir})", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from megatron_croc.quiet import quiet_known_warnings
+
+    quiet_known_warnings()
+    from megatron_croc.training.arguments import parse_args
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    first_rank = os.environ.get("RANK", "0") == "0"
     try:
         config = parse_args(argv, world_size=world)
+        from megatron_croc.platform import init_platform
+        from megatron_croc.training.preflight import plan_run
+
+        platform = init_platform()
+        plan = plan_run(config, has_te=platform.has_te, has_apex=platform.has_apex)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if first_rank:  # every rank finds the same; one says it
+            print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    if plan.nothing_to_do:
+        if first_rank:
+            print(plan.nothing_to_do, flush=True)
+        return 0
     try:
-        summary = train(config)
-    except (ConfigError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
+        summary = train(plan.config, plan=plan)
+    except BaseException as err:  # noqa: BLE001 - every failure ends this process at once, reported once
+        from megatron_croc.distributed import exit_after_failure
+
+        exit_after_failure(err, clear_errors=(ConfigError, TrainingError))
     if summary["is_writer"]:
-        history = summary["history"]
-        if history:
-            first, last = history[0], history[-1]
-            fmt = lambda h: ", ".join(f"{k} {v:.4f}" for k, v in h.items() if k != "iteration")
-            print(f"done: {summary['iteration']} iterations in {summary['wall_time_s']:.1f} s; "
-                  f"first step: {fmt(first)}; last step: {fmt(last)}", flush=True)
-        if summary["last_checkpoint"]:
-            print(f"checkpoint: {summary['last_checkpoint']} (resume with --load {Path(summary['last_checkpoint']).parent})")
-        if config.tensorboard_dir:
-            print(f"TensorBoard logs: {config.tensorboard_dir} (tensorboard --logdir {config.tensorboard_dir})")
+        _print_summary(summary, plan.config)
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -12,6 +12,7 @@ from megatron_croc.config import ModelConfig
 from megatron_croc.models.attention import build_attention_layout
 from megatron_croc.models.croc import CrocModel, CrocOutputs, croc_loss
 from megatron_croc.platform import host_to_device
+from megatron_croc.training.fault_injection import FaultPlan
 
 # What the model needs from a collated batch (megatron_croc.data.dataset.BatchCollator).
 MODEL_INPUTS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "visual_mask", "images",
@@ -38,17 +39,24 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Te
 
 
 class StepStats:
-    """Per-step accumulators, counted on the last pipeline stage (host numbers, no device read):
-    images and samples seen; and whether this step's losses are to be made non-finite (a test
-    hook of the non-finite-step handling)."""
+    """Per-step state shared with the forward step: the (1-based) iteration being computed,
+    images and samples seen, counted on the last pipeline stage (host numbers, no device read),
+    and the test-only faults of training.fault_injection (this step's losses made non-finite,
+    an exception planted at some point of the step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fault: FaultPlan | None = None) -> None:
+        self.iteration = 0
+        self.fault = fault
         self.reset()
 
     def reset(self) -> None:
         self.num_images = 0
         self.num_samples = 0
         self.inject_nonfinite = False
+
+    def maybe_fail(self, where: str) -> None:
+        if self.fault is not None:
+            self.fault.fire(where, self.iteration)
 
 
 class _LookaheadFeed:
@@ -97,6 +105,7 @@ def make_forward_step(model_config: ModelConfig, device: torch.device, stats: St
     feeds: dict[int, _LookaheadFeed] = {}
 
     def forward_step(data_iterator, model):
+        stats.maybe_fail("data")
         croc_model = unwrap_model(model)
         prefetch = None
         if model_config.croc.assignment_lookahead and croc_model.prefetches_visual:
@@ -112,20 +121,27 @@ def make_forward_step(model_config: ModelConfig, device: torch.device, stats: St
         if croc_model.post_process:  # counted where the losses are reported
             stats.num_images += len(batch["image_sample_ids"])  # one key per image, on the host
             stats.num_samples += batch["num_samples"]
+        stats.maybe_fail("forward")
         output = model(
             tokens=batch["tokens"], position_ids=batch["position_ids"], layout=layout,
             visual_mask=batch["visual_mask"], labels=batch["labels"],
             images=batch["images"] if croc_model.pre_process else None,
             image_keys=batch["image_sample_ids"], visual_prefetch=prefetch, visual_index=batch["visual_index"],
         )
-        return output, partial(_loss_func, batch["loss_mask"], model_config, stats.inject_nonfinite)
+        return output, partial(_loss_func, batch["loss_mask"], model_config, stats)
 
     return forward_step
 
 
-def _loss_func(loss_mask, model_config, inject_nonfinite, output: CrocOutputs):
+def _loss_func(loss_mask, model_config, stats: StepStats, output: CrocOutputs):
     total, parts = croc_loss(output, loss_mask, model_config)
-    if inject_nonfinite:
+    if stats.inject_nonfinite:
         total = total * float("nan")
         parts = {k: v * float("nan") for k, v in parts.items()}
+    if stats.fault is not None and stats.fault.due("backward", stats.iteration) and total.requires_grad:
+        def fail_in_backward(grad):
+            stats.maybe_fail("backward")
+            return grad
+
+        total.register_hook(fail_in_backward)
     return total, parts

@@ -132,3 +132,14 @@ def test_assignment_benchmark_reports_every_solver_against_serial_scipy(capsys):
         # both fast paths return scipy's optimum
         assert row["concurrent_scipy_max_rel_diff"] < 1e-9 and row["gpu_solver_max_rel_diff"] < 1e-6
         assert row["gpu_solver_stats"]["fallbacks"] == 0
+
+
+def test_init_benchmark_times_both_initialisations():
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_init.py"), "--tiny"], capture_output=True, text=True,
+                          timeout=300, env={k: v for k, v in os.environ.items()
+                                            if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["model"] == "tiny" and result["parameters"] > 0
+    for key in ("megatron_init_s", "layout_invariant_init_s", "ratio"):
+        assert _finite(result[key]) and result[key] > 0, (key, result)

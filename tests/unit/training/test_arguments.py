@@ -25,7 +25,7 @@ def test_flags_reach_the_configs():
         world_size=8,
     )
     assert config.data.data_path == ((0.3, "a"), (0.7, "b"))
-    equal = parse_args(["--data-path", "a", "b", "--train-iters", "1"])
+    equal = parse_args(["--data-path", "a", "b", "--train-iters", "1", "--seq-length", "512"])
     assert equal.data.data_path == ((None, "a"), (None, "b"))  # by size, as Megatron
     assert config.model.parallel.tensor_model_parallel_size == 2
     assert config.model.croc.stage == "instruct" and config.model.croc.attention_variant == "causal"
@@ -45,6 +45,12 @@ def test_flags_reach_the_configs():
     (["--model", "vicuna-7b"], 1, "embedded demo"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
     (["--lr", "1e-4", "--min-lr", "1e-3"], 1, "larger than --lr"),
+    # the tiny model has 1024 positions; --data-path runs default to --seq-length 2048
+    (["--data-path", "x", "--train-iters", "4"], 1, "--seq-length 2048 exceeds the tiny model's 1024 positions"),
+    (["--auto-resume"], 1, "--auto-resume resumes from --save"),
+    (["--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"], 1, "exclude each other"),
+    (["--train-iters", "0"], 1, "--train-iters must be at least 1"),
+    (["--exit-duration-in-mins", "0"], 1, "must be positive"),
 ])
 def test_bad_flags_give_clear_errors(argv, world, message):
     with pytest.raises(ConfigError, match=message):
@@ -83,3 +89,43 @@ def test_padding_past_the_model_positions_is_refused():
     with pytest.raises(ConfigError, match="padded to 4098.*only 4096 positions.*use --seq-length 4095 or less"):
         parse_args(["--data-path", "x", "--train-iters", "1", "--model", "vicuna-7b", "--seq-length", "4096",
                     "--sequence-parallel", "--tensor-model-parallel-size", "3"], world_size=3)
+
+
+def test_flag_equals_value_and_flag_value_are_the_same():
+    spaced = parse_args(["--data-path", "x", "--train-iters", "4", "--seq-length", "512", "--tensor-model-parallel-size",
+                         "2"], world_size=2)
+    joined = parse_args(["--data-path=x", "--train-iters=4", "--seq-length=512", "--tensor-model-parallel-size=2"],
+                        world_size=2)
+    assert spaced == joined
+
+
+def test_parsing_imports_neither_torch_nor_megatron():
+    """--help must answer at once: the entry point and its parser import nothing heavy before
+    the arguments are read (importing torch alone takes ~2 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, megatron_croc.training.pretrain, megatron_croc.training.launcher; "
+            "from megatron_croc.training.arguments import build_parser; build_parser().format_help(); "
+            "heavy = [m for m in ('torch', 'megatron.core', 'numpy') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_flag_explains_itself_and_shows_its_default():
+    import argparse
+
+    from megatron_croc.training.arguments import build_parser
+
+    parser = build_parser()
+    text = parser.format_help()
+    undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+    assert not undocumented
+    assert "--croc-assignment-lookahead, --no-croc-assignment-lookahead" in text
+    assert "(default: on)" in text and "(default: True)" not in text and "(default: None)" not in text
+    for flag, shown in (("--lr", "(default: 2e-05; embedded demo: 0.002)"), ("--min-lr", "(default: 0.0)"),
+                        ("--train-iters", "(default: required; embedded demo: 300)"),
+                        ("--tensor-model-parallel-size", "(default: 1;")):
+        assert shown in " ".join(text.split()), flag
+    assert all(isinstance(a.help, str) for a in parser._actions if not isinstance(a, argparse._HelpAction))
