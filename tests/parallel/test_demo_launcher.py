@@ -27,4 +27,9 @@ def test_demo_launcher_end_to_end(tmp_path):
     assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000020", "iter_0000040"]
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     tail = out.stdout.strip().splitlines()[-3:]
-    assert tail[0].startswith("done: 40 iterations") and "checkpoint:" in tail[1] and "TensorBoard" in tail[2]
+    assert tail[0].startswith("done: 40 iterations this run (iterations 1..40) of 40")
+    assert "checkpoint:" in tail[1] and "TensorBoard" in tail[2]
+    # only the project's own lines: known third-party warnings are silenced, nothing else came
+    assert out.stderr == "" and "warn" not in out.stdout.lower(), out.stderr[-3000:]
+    assert all(line.startswith(("launcher:", "training ", "iteration ", "validation ", "done:", "checkpoint:",
+                                "TensorBoard")) for line in out.stdout.strip().splitlines()), out.stdout
