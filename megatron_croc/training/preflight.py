@@ -254,11 +254,11 @@ def _resolve_checkpoints(config: TrainConfig):
 
 # What each stage starts from (SPEC §1.5): module prefix -> why it is needed.
 _NEEDED_MODULES = {
-    "align": {"language_model.": "the LLM", "vision.encoder.": "the vision encoder"},
-    "croc": {"language_model.": "the LLM", "vision.encoder.": "the vision encoder",
-             "vision.projector.": "the projector (trained by the align stage)"},
-    "instruct": {"language_model.": "the LLM", "vision.encoder.": "the vision encoder",
-                 "vision.projector.": "the projector (trained by the align stage)"},
+    "align": {"language_model.": "LLM", "vision.encoder.": "vision encoder"},
+    "croc": {"language_model.": "LLM", "vision.encoder.": "vision encoder",
+             "vision.projector.": "projector (the align stage trains it)"},
+    "instruct": {"language_model.": "LLM", "vision.encoder.": "vision encoder",
+                 "vision.projector.": "projector (the align stage trains it)"},
 }
 
 

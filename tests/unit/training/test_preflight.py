@@ -3,6 +3,7 @@ failure naming the flag and the fix (training.preflight)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -133,3 +134,20 @@ def test_a_changed_projector_lr_is_a_schedule_change():
     config, common = _schedule_case("--projector-lr", "1e-3", train_iters=6)
     with pytest.raises(ConfigError, match=r"--projector-lr: checkpoint None, this command 0.001"):
         _check_schedule(config, common, iteration=3)
+
+
+@pytest.mark.parametrize("stage,present,missing", [
+    ("croc", ("language_model.", "vision.encoder."), "projector (the align stage trains it)"),
+    ("align", ("vision.encoder.", "vision.projector."), "LLM"),
+    ("instruct", ("language_model.", "vision.projector."), "vision encoder"),
+])
+def test_a_stage_needs_what_it_starts_from(monkeypatch, tmp_path, stage, present, missing):
+    from megatron_croc.training import checkpoint, preflight
+
+    shapes = {f"{prefix}some.weight": (4, 4) for prefix in present}
+    monkeypatch.setattr(checkpoint, "checkpoint_tensor_shapes", lambda folder: shapes)
+    config = parse_args(["--croc-stage", stage])
+    with pytest.raises(ConfigError, match=rf"has no {re.escape(missing)}, which the '{stage}' stage starts from"):
+        preflight._check_checkpoint_model(config, tmp_path, {})
+    shapes["language_model.x"] = shapes["vision.encoder.x"] = shapes["vision.projector.x"] = (1,)
+    preflight._check_checkpoint_model(config, tmp_path, {})
