@@ -85,10 +85,9 @@ def rank_tag() -> str:
     """``rank 3 (TP 1, PP 1, DP 0)`` once megatron-core's parallel state exists, else
     ``rank 3``: what a message from one process is prefixed with."""
     rank = os.environ.get("RANK", "0")
+    ps = sys.modules.get("megatron.core.parallel_state")  # never import megatron-core just to name a rank
     try:
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
+        if ps is not None and ps.model_parallel_is_initialized():
             return (f"rank {rank} (TP {ps.get_tensor_model_parallel_rank()}, "
                     f"PP {ps.get_pipeline_model_parallel_rank()}, DP {ps.get_data_parallel_rank()})")
     except Exception:  # naming a rank must never fail the report of another error
@@ -113,12 +112,15 @@ def is_communication_error(error: BaseException) -> bool:
     return any(marker in text for marker in _PEER_GONE)
 
 
-def exit_after_failure(error: BaseException, *, clear_errors: tuple[type[BaseException], ...] = ()) -> None:
+def exit_after_failure(error: BaseException, *, clear_errors: tuple[type[BaseException], ...] = (),
+                       collective_errors: tuple[type[BaseException], ...] = ()) -> None:
     """Report ``error`` once, tagged with this rank, and end the process at once (exit 1;
     :data:`EXIT_PEER_FAILED` when a peer failed first; 130 for Ctrl-C). See the module doc for
     why nothing is cleaned up.
 
     - errors of a type in ``clear_errors`` (a bad input, a stop the program decided): one line;
+      of a type in ``collective_errors`` (decided by all ranks together, so raised by all):
+      one line from rank 0 only;
     - a collective failing because a peer died: one line saying so (the peer reports the cause);
     - anything else: the traceback, which is what a developer needs.
     """
@@ -127,6 +129,10 @@ def exit_after_failure(error: BaseException, *, clear_errors: tuple[type[BaseExc
         if os.environ.get("RANK", "0") == "0":
             print(f"interrupted ({tag})", file=sys.stderr, flush=True)
         code = 130
+    elif isinstance(error, collective_errors):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        code = 1
     elif isinstance(error, clear_errors):
         print(f"error: [{tag}] {error}", file=sys.stderr, flush=True)
         code = 1

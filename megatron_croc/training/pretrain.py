@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many consecutive non-finite steps)."""
+    """Training cannot go on, as all ranks agreed (e.g. too many consecutive non-finite steps)."""
 
 
 def _rank0_print(*args) -> None:
@@ -437,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as err:  # noqa: BLE001 - every failure ends this process at once, reported once
         from megatron_croc.distributed import exit_after_failure
 
-        exit_after_failure(err, clear_errors=(ConfigError, TrainingError))
+        exit_after_failure(err, clear_errors=(ConfigError,), collective_errors=(TrainingError,))
     if summary["is_writer"]:
         _print_summary(summary, plan.config)
     import torch.distributed as dist
