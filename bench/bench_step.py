@@ -148,8 +148,10 @@ def build_gpt(model_config, *, spec: str, use_te: bool):
     from megatron_croc.config import language_transformer_config
     from megatron_croc.models import specs
 
-    # Initialised on the device (speed only; the CPU init the Croc model uses is for TP parity).
-    lm_config = dataclasses.replace(language_transformer_config(model_config), use_cpu_initialization=False)
+    # Initialised by megatron-core on the device: the baseline is megatron-core's own model (the
+    # Croc model draws its weights itself, layout-independently; speed does not depend on it).
+    lm_config = dataclasses.replace(language_transformer_config(model_config), use_cpu_initialization=False,
+                                    perform_initialization=True)
     if spec == "ours":
         layer_spec = specs.language_layer_spec(use_te=use_te)
     elif spec == "local":
