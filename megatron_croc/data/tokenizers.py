@@ -259,7 +259,7 @@ class HuggingFaceTokenizer(Tokenizer):
         from transformers import AutoTokenizer
 
         try:
-            self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except Exception as err:
             raise TokenizerError(f"cannot load a HuggingFace tokenizer from {str(folder)!r}: {err}") from err
         if not getattr(self._tok, "is_fast", False):
