@@ -140,9 +140,11 @@ def _index_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 _LEADING_ID = re.compile(rb'^\s*\{\s*"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)')
 
 
-def oversized_id(record: Oversized) -> str | None:
-    """The id of an unread oversized line when it is the line's first key (the usual layout)."""
-    m = _LEADING_ID.match(record.head.removeprefix(b"\xef\xbb\xbf"))
+def leading_id(raw: bytes | Oversized) -> str | None:
+    """The id of a line that cannot be parsed (or is not read: ``Oversized``), when it is the
+    line's first key, as LLaVA files write it; so that such skips carry the record's own id."""
+    head = raw.head if isinstance(raw, Oversized) else raw[:4096]
+    m = _LEADING_ID.match(head.removeprefix(b"\xef\xbb\xbf"))
     if not m:
         return None
     try:
@@ -182,3 +184,5 @@ def decode_line(raw: bytes, *, line: int, max_record_bytes: int) -> Any:
     except json.JSONDecodeError as err:
         at = skipped + len(text[: err.pos].encode("utf-8"))
         raise SkipSample(SkipReason.MALFORMED_JSON, f"line {line}, byte {at} (column {err.colno}): {err.msg}") from None
+    except RecursionError:
+        raise SkipSample(SkipReason.MALFORMED_JSON, f"line {line}: JSON nested too deeply to parse") from None

@@ -57,11 +57,10 @@ from megatron_croc.data.images import (
 from megatron_croc.data.inputs import (
     DEFAULT_MAX_RECORD_BYTES,
     InputError,
-    Oversized,
     Source,
     decode_line,
     load_source,
-    oversized_id,
+    leading_id,
 )
 from megatron_croc.data.locking import LockHeldError, RunLock, describe_holder, read_lock_note
 from megatron_croc.data.records import parse_record, record_id
@@ -296,9 +295,11 @@ def _process_partition(k: int, progress: Callable[[int, int], None] | None = Non
         sid = fallback_id  # until the record names itself: every skip carries the best id known
         try:
             if source.kind == "jsonl":
-                if isinstance(raw, Oversized):
-                    sid = oversized_id(raw) or fallback_id
-                record = decode_line(raw, line=location["line"], max_record_bytes=job.cfg.max_record_bytes)
+                try:
+                    record = decode_line(raw, line=location["line"], max_record_bytes=job.cfg.max_record_bytes)
+                except SkipSample:
+                    sid = leading_id(raw) or fallback_id
+                    raise
             else:
                 record = raw
             sid = record_id(record) or fallback_id

@@ -249,6 +249,7 @@ def test_broken_text_is_reported_with_its_id_line_and_byte(sp_model_path, tmp_pa
         b'{"id": "latin1", "value": "caf\xe9"}',
         b'{"id": "cut", ',
         json.dumps(rec("boom", answer="Red.", question="boom")).encode(),
+        b'{"id": "deep", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     ]
     src = tmp_path / "d.jsonl"
     src.write_bytes(b"\n".join(lines) + b"\n")
@@ -269,11 +270,13 @@ def test_broken_text_is_reported_with_its_id_line_and_byte(sp_model_path, tmp_pa
     assert skips["bad\\udfff id"]["reason"] == "malformed_sample"  # its own id, escaped
     assert skips["d.jsonl:4"]["detail"].startswith("line 4, byte 0: a NUL byte")
     bad_byte = lines[4].index(b"\xe9")
-    assert skips["d.jsonl:5"]["detail"].startswith(f"line 5, byte {bad_byte}: invalid UTF-8 (b'\\xe9")
-    assert skips["d.jsonl:6"]["detail"].startswith(f"line 6, byte {len(lines[5])} (column {len(lines[5]) + 1}): "
-                                                   "Expecting property name")
-    assert {r["reason"] for sid, r in skips.items() if sid.startswith("d.jsonl")} == {"malformed_json"}
+    # a line that cannot be parsed still carries the id it starts with
+    assert skips["latin1"]["detail"].startswith(f"line 5, byte {bad_byte}: invalid UTF-8 (b'\\xe9")
+    assert skips["cut"]["detail"].startswith(f"line 6, byte {len(lines[5])} (column {len(lines[5]) + 1}): "
+                                             "Expecting property name")
+    assert {skips[sid]["reason"] for sid in ("d.jsonl:4", "latin1", "cut", "deep")} == {"malformed_json"}
     assert skips["boom"]["reason"] == "internal_error" and "unexpected" in skips["boom"]["detail"]
+    assert skips["deep"]["detail"] == "line 8: JSON nested too deeply to parse"
     assert stored_ids(out) == ["good"]
 
 
