@@ -429,6 +429,9 @@ def _validate(cfg: PreprocessConfig) -> None:
                         ("--max-image-bytes", cfg.max_image_bytes), ("--max-record-bytes", cfg.max_record_bytes)):
         if value is not None and value < 1:
             raise PreprocessArgumentError(f"{flag} {value}: must be >= 1")
+    if cfg.overwrite and cfg.partition_index is not None:
+        raise PreprocessArgumentError("--overwrite with --partition-index: other nodes may be using the partitions; "
+                                      "start over in one run without --partition-index")
     if cfg.image_folder is not None and not os.path.isdir(cfg.image_folder):
         raise PreprocessArgumentError(f"--image-folder {cfg.image_folder!r}: no such directory")
     out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
@@ -607,17 +610,11 @@ def _run_locked(cfg: PreprocessConfig, tokenizer: Tokenizer, locks: _OutputLocks
                 f"--output-prefix {prefix!r}: a dataset made with other inputs/settings already exists "
                 f"(different: {_diff(old.get('fingerprint_fields', {}), fp)}); pass --overwrite or another prefix"
             )
-        if cfg.partition_index is not None:
-            raise PreprocessArgumentError("--overwrite with --partition-index: start over in one run without "
-                                          "--partition-index (other nodes may be using the partitions)")
         _remove_outputs(prefix)
 
     parts_dir = prefix + ".parts"
     manifest_file = os.path.join(parts_dir, "manifest.json")
     if cfg.overwrite and os.path.isdir(parts_dir):
-        if cfg.partition_index is not None:
-            raise PreprocessArgumentError("--overwrite with --partition-index: start over in one run without "
-                                          "--partition-index (other nodes may be using the partitions)")
         shutil.rmtree(parts_dir)
     num_partitions = cfg.partitions
     if not os.path.exists(manifest_file):

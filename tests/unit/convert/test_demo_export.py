@@ -22,10 +22,17 @@ def demo_checkpoint(tmp_path_factory, megatron_world):
     root = tmp_path_factory.mktemp("demo_export")
     demo = ensure_demo_dataset(root / "data", image_size=32, num_image_tokens=16, seq_length=160, num_samples=200)
     save = root / "ckpt"
-    # the trainer itself, in this process (world of one, as megatron_world set up)
-    train(parse_args(["--data-path", demo.prefix, "--vocab-size", "640", "--seq-length", "160",
-                      "--micro-batch-size", "2", "--global-batch-size", "8", "--num-workers", "0", "--lr", "2e-3",
-                      "--train-iters", "20", "--log-interval", "20", "--save", str(save)], world_size=1))
+    # The trainer itself, in this process (a world of one, as megatron_world set up it). One
+    # intra-op thread: the model is tiny, and on a loaded 2-core machine more threads made the
+    # steps ~10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(parse_args(["--data-path", demo.prefix, "--vocab-size", "640", "--seq-length", "160",
+                          "--micro-batch-size", "2", "--global-batch-size", "8", "--num-workers", "0", "--lr", "2e-3",
+                          "--train-iters", "20", "--log-interval", "20", "--save", str(save)], world_size=1))
+    finally:
+        torch.set_num_threads(threads)
     return demo, save
 
 

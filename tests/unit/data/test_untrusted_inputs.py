@@ -23,7 +23,13 @@ from PIL import Image
 from megatron_croc.data.constants import SkipReason
 from megatron_croc.data.indexed import MultimodalIndexedDataset, skip_report_path
 from megatron_croc.data.locking import LockHeldError, RunLock
-from megatron_croc.data.preprocess import OutputBusyError, PreprocessConfig, lock_path, run_preprocess
+from megatron_croc.data.preprocess import (
+    OutputBusyError,
+    PreprocessArgumentError,
+    PreprocessConfig,
+    lock_path,
+    run_preprocess,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 SIZE, K, SEQ = 8, 4, 96
@@ -365,6 +371,8 @@ def test_partition_index_runs_share_the_prefix_but_not_their_partitions(sp_model
     with pytest.raises(OutputBusyError, match=r"partition 0 of .* in use by another run: pid \d+"):
         run_preprocess(cfg(partition_index=[0, 1]), log=lambda m: None)
     run_preprocess(cfg(partition_index=[1]), log=lambda m: None)  # beside it: fine
+    with pytest.raises(PreprocessArgumentError, match="--overwrite with --partition-index"):
+        run_preprocess(cfg(partition_index=[1], overwrite=True), log=lambda m: None)  # would delete the others' work
     with pytest.raises(OutputBusyError, match=r"being written by --partition-index run\(s\): pid \d+ on host"):
         run_preprocess(cfg(), log=lambda m: None)  # the merge waits for the nodes
     part0.release(), other_node.release()
