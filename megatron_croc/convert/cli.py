@@ -20,7 +20,10 @@ examples:
   # back to HuggingFace (any TP/PP layout), with the tokenizer and image processor
   python tools/convert_checkpoint.py megatron-to-hf --load runs/croc-instruct --save hf/croc-7b \\
       --hf-llm models/vicuna-7b-v1.5 --hf-vision models/clip-vit-large-patch14-336
-  # an export (or a llava-hf model) back to megatron, to continue training
+  # a training run's own checkpoint (e.g. the demo's), with its SentencePiece tokenizer
+  python tools/convert_checkpoint.py megatron-to-hf --load outputs/croc_run/checkpoints --save hf/croc-demo \\
+      --model tiny --vocab-size 640 --tokenizer DEMO_DATA/tokenizer.model
+  # an export (or a llava-hf model, any transformers layout) back to megatron, to continue training
   python tools/convert_checkpoint.py hf-to-megatron --model vicuna-7b --hf-llava hf/croc-7b --save ckpt/again
 (the --hf-* arguments are local folders, e.g. from `huggingface-cli download`; nothing is fetched)
 """
@@ -65,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="architecture (default: recorded at import; from-hf needs --hf-llm and --hf-vision)")
     e.add_argument("--hf-llm", help="the original LLM folder: config, tokenizer, generation config")
     e.add_argument("--hf-vision", help="the original CLIP folder: config, image processor, the unused last layer")
-    e.add_argument("--tokenizer", help="tokenizer folder (default: --hf-llm when it has one)")
-    e.add_argument("--image-processor", help="image processor folder (default: --hf-vision when it has one)")
+    e.add_argument("--tokenizer", help="tokenizer folder, or a SentencePiece tokenizer.model file (e.g. the demo's); "
+                   "default: --hf-llm when it has one")
+    e.add_argument("--image-processor", help="image processor folder (default: --hf-vision when it has one, else "
+                   "CLIP's at the model's image size when a tokenizer is written)")
     e.add_argument("--image-token-id", type=int, default=None,
                    help="id of <image> (default: the tokenizer's, else a row appended after the vocabulary)")
     e.add_argument("--vocab-size", type=int, default=None, help="the LLM vocabulary (default: recorded / HF config / preset)")

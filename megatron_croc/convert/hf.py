@@ -60,6 +60,7 @@ from megatron_croc.config import (
 from megatron_croc.convert.mappings import (
     HF_LM_HEAD,
     HF_VISION,
+    LLAVA_LAYOUTS,
     croc_engine,
 )
 from megatron_croc.convert.sources import ConvertError, HFInputs, TensorSource
@@ -379,10 +380,39 @@ def _staging(final: Path, overwrite: bool, *, primary: bool = True, barrier=None
         raise
     sync()
     if primary:
+        _respect_umask(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     sync()
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return mask
+
+
+def _respect_umask(folder: Path) -> None:
+    """Give every file of the output the mode a plain ``open()`` would (0666 & ~umask; folders
+    0777 & ~umask): safetensors writes its files 0600, which would hide the weights shards from the
+    group while config.json and the rest are readable."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
 
 
 def _log(msg: str) -> None:
@@ -584,6 +614,7 @@ def hf_to_megatron(
             parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
             precision=PrecisionConfig(bf16=bf16),
         )
+        _check_target_layout(config, model, gathered.where)
         validate(config, has_te=False, has_apex=False)
         in_world = _joined_world(tp * pp)
         if in_world:
@@ -639,6 +670,32 @@ def hf_to_megatron(
     return save
 
 
+def _check_target_layout(config: ModelConfig, model: str, where: dict[str, str]) -> None:
+    """The target TP/PP must split the model; said with this tool's flags and where each size
+    comes from (config.validate speaks of the training flags and presets)."""
+    lm, vis = config.language, config.vision
+    tp, pp = config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size
+    origin = {section: (where[section] if model == FROM_HF else f"the --model {model} preset")
+              for section in ("language", "vision")}
+    for what, value, hf_field, section in (
+        ("the LLM's attention heads", lm.num_attention_heads, "num_attention_heads", "language"),
+        ("the LLM's query groups", lm.num_query_groups, "num_key_value_heads", "language"),
+        ("the LLM's MLP size", lm.ffn_hidden_size, "intermediate_size", "language"),
+        ("CLIP's attention heads", vis.num_attention_heads, "num_attention_heads", "vision"),
+        ("CLIP's MLP size", vis.ffn_hidden_size, "intermediate_size", "vision"),
+    ):
+        if value % tp:
+            raise ConvertError(
+                f"--target-tensor-parallel-size {tp} does not divide {what} ({value}: {hf_field} in "
+                f"{origin[section]}); choose a size that divides {value}"
+            )
+    if lm.num_layers % pp:
+        raise ConvertError(
+            f"--target-pipeline-parallel-size {pp} does not divide the LLM's {lm.num_layers} layers "
+            f"(num_hidden_layers in {origin['language']}); choose a size that divides {lm.num_layers}"
+        )
+
+
 def _check_import(config: ModelConfig, inputs: HFInputs, gathered: _Inputs, stage: str) -> dict[str, Any]:
     """Every tensor the model needs is there with the right shape; what is left over is
     understood. All problems at once, before anything is written."""
@@ -653,6 +710,7 @@ def _check_import(config: ModelConfig, inputs: HFInputs, gathered: _Inputs, stag
     shapes = {n: tuple(v.shape) for n, v in model.state_dict().items() if v is not None}
     engine = croc_engine(check_config, shapes, hf_vocab_rows=gathered.hf_vocab_rows)
     problems, notes, fresh, drop = [], [], [], set()
+    missing_tensors: list[str] = []
     consumed: set[str] = set()
     for name, shape in shapes.items():
         r = engine.by_megatron.get(name)
@@ -667,7 +725,7 @@ def _check_import(config: ModelConfig, inputs: HFInputs, gathered: _Inputs, stag
             if name.startswith("vision.projector."):
                 fresh.append(name)
                 continue
-            problems.append(f"{missing[0]} is missing (needed for {name}); expected in {_expected_input(missing[0], gathered)}")
+            missing_tensors.append(f"{missing[0]} (for {name}; expected in {_expected_input(missing[0], gathered)})")
             continue
         for h, expected in engine.expected_hf_shapes(name, shape).items():
             got = inputs.entry(h).shape
@@ -703,15 +761,55 @@ def _check_import(config: ModelConfig, inputs: HFInputs, gathered: _Inputs, stag
                 notes.append(note)
         else:
             unknown.append(f"{inputs.where(name)}")
-    if unknown:
-        problems.append(
-            f"{len(unknown)} input tensors are not understood (not Llama/CLIP/LLaVA weights?), e.g. "
-            + ", ".join(unknown[:5])
-        )
+    if unknown or missing_tensors:
+        # Names first: a layout the renames do not know shows up as tensors "missing" under the
+        # expected names *and* present under others; say both, side by side, and what it looks like.
+        head = []
+        if unknown:
+            head.append(f"{len(unknown)} input tensors have names the converter does not recognise, e.g. "
+                        + ", ".join(unknown[:5]))
+        if missing_tensors:
+            head.append(f"{len(missing_tensors)} tensors the model needs are missing, e.g. " + "; ".join(missing_tensors[:5]))
+        if unknown and missing_tensors:
+            head.append(_layout_hint([u.rsplit(":", 1)[-1].strip() for u in unknown],
+                                     [m.split(" ", 1)[0] for m in missing_tensors]))
+        problems = head + problems
     if problems:
         raise ConvertError("the HF input does not fit the model:\n  " + "\n  ".join(problems[:20])
                            + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
     return {"unused": sorted(unused), "fresh": tuple(fresh), "drop": tuple(sorted(drop)), "notes": notes}
+
+
+def _layout_hint(unknown: list[str], missing: list[str]) -> str:
+    """What the unrecognised names probably stand for: the name prefixes that turn them into
+    missing names (matched on their longest common dotted suffix), and the layouts we read."""
+    def splits(name: str):
+        """(prefix, suffix) at each dot, suffixes of at least two components; a layer number
+        belongs to the suffix (layer 2 of one layout is not layer 0 of another)."""
+        parts = name.split(".")
+        for i in range(1, len(parts) - 1):
+            if any(p.isdigit() for p in parts[:i]):
+                break
+            yield ".".join(parts[:i]) + ".", ".".join(parts[i:])
+
+    by_suffix: dict[str, str] = {}
+    for name in missing:
+        for prefix, suffix in splits(name):
+            by_suffix.setdefault(suffix, prefix)
+    renames: dict[tuple[str, str], int] = {}
+    for name in unknown:
+        for prefix, suffix in splits(name):
+            if suffix in by_suffix:
+                pair = (prefix, by_suffix[suffix])
+                renames[pair] = renames.get(pair, 0) + 1
+                break
+    layouts = "; ".join(f"{what}: {', '.join(p + '*' for p in prefixes)}" for what, prefixes in LLAVA_LAYOUTS.items())
+    if renames:
+        top = sorted(renames.items(), key=lambda kv: -kv[1])[:3]
+        guess = ", ".join(f"{a}* where {b}* is expected ({n} tensors)" for (a, b), n in top)
+        return (f"the unrecognised names look like another layout: {guess}. The LLaVA layouts read are {layouts}; "
+                "re-save the model with transformers, or report the layout")
+    return f"the LLaVA layouts read are {layouts}"
 
 
 def _vision_layer(name: str) -> int | None:
@@ -932,18 +1030,19 @@ def megatron_to_hf(
 
     # -- tokenizer, image processor and the <image> token: loaded before anything is written --
     tok_path = Path(tokenizer) if tokenizer else (llm_path if llm_path and _has_tokenizer(llm_path) else None)
-    tok = None
-    if tok_path is not None:
-        from transformers import AutoTokenizer
-
-        tok = _load_pretrained(AutoTokenizer, tok_path, "--tokenizer")
+    tok = _load_tokenizer(tok_path) if tok_path is not None else None
+    processor_flag = "--image-processor"
     if image_processor is None and vision_path is not None and (vision_path / "preprocessor_config.json").exists():
-        image_processor = vision_path
+        image_processor, processor_flag = vision_path, "the image processor of --hf-vision"
     processor = None
     if image_processor is not None:
         from transformers import AutoImageProcessor
 
-        processor = _load_pretrained(AutoImageProcessor, Path(image_processor), "image processor")
+        processor = _load_pretrained(AutoImageProcessor, Path(image_processor), processor_flag)
+    elif tok is not None:
+        processor = _clip_image_processor(config)
+        _log(f"no --image-processor: writing CLIP's ({config.vision.image_size} px, CLIP mean/std), so that "
+             "AutoProcessor loads the export")
     image_id, added_row = _image_token(config.language.vocab_size, tok, image_token_id, (record or {}).get("image_token"))
     hf_rows = config.language.vocab_size + (1 if added_row else 0)
 
@@ -1120,9 +1219,58 @@ def _generation_config(llava_cfg, llm_path: Path | None, suppress: int | None):
 def _load_pretrained(auto_class, path: Path, what: str):
     """``auto_class.from_pretrained(path)``, or a ConvertError naming the input."""
     try:
-        return auto_class.from_pretrained(str(path))
+        # Never run code shipped with an input (auto_map modules); see docs/SECURITY.md.
+        return auto_class.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:
         raise ConvertError(f"{what} {path}: transformers cannot load it ({e})") from None
+
+
+def _load_tokenizer(path: Path):
+    """``--tokenizer``: a HuggingFace tokenizer folder, or a SentencePiece ``.model`` file (Llama-2,
+    Vicuna, the demo's tokenizer), converted to a fast Llama tokenizer that adds BOS as our
+    templates do; its special tokens are the model's own pieces."""
+    if not path.is_file():
+        from transformers import AutoTokenizer
+
+        return _load_pretrained(AutoTokenizer, path, "--tokenizer")
+    import tempfile
+
+    from sentencepiece import sentencepiece_model_pb2
+    from transformers import LlamaTokenizer
+
+    model = sentencepiece_model_pb2.ModelProto()
+    try:
+        model.ParseFromString(path.read_bytes())
+        if not model.pieces:
+            raise ValueError("no pieces")
+    except Exception as e:
+        raise ConvertError(f"--tokenizer {path}: neither a tokenizer folder nor a SentencePiece .model file ({e})") from None
+    spec = model.trainer_spec
+
+    def piece(i: int) -> str | None:
+        return model.pieces[i].piece if 0 <= i < len(model.pieces) else None
+
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copyfile(path, Path(folder) / "tokenizer.model")
+        specials = {"bos_token": piece(spec.bos_id), "eos_token": piece(spec.eos_id), "unk_token": piece(spec.unk_id),
+                    "pad_token": piece(spec.pad_id)}
+        try:
+            return LlamaTokenizer.from_pretrained(folder, add_bos_token=spec.bos_id >= 0, add_eos_token=False,
+                                                  **{k: v for k, v in specials.items() if v is not None})
+        except Exception as e:
+            raise ConvertError(f"--tokenizer {path}: transformers cannot convert this SentencePiece model ({e})") from None
+
+
+def _clip_image_processor(config: ModelConfig):
+    """The image processor of the vision tower when none was given: CLIP's resize of the shortest
+    side + centre crop to the encoder's size, CLIP mean/std (as the model normalises)."""
+    from transformers import CLIPImageProcessor
+
+    from megatron_croc.config import CLIP_MEAN, CLIP_STD
+
+    size = config.vision.image_size
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
 
 
 def _save_processors(folder: Path, tok, image_processor, config: ModelConfig) -> None:

@@ -315,8 +315,8 @@ def local_spec_name(name: str) -> str:
 
 
 # (pattern, replacement) applied in order; the first match wins. Inputs: a LlamaForCausalLM
-# folder, a CLIPVisionModel / CLIPModel folder, LLaVA's stage-1 mm_projector.bin, LLaVA folders
-# in the transformers-5 and transformers-4 layouts.
+# folder, a CLIPVisionModel / CLIPModel folder, LLaVA's stage-1 mm_projector.bin, and LLaVA
+# folders in every layout transformers writes (LLAVA_LAYOUTS).
 _RENAMES: dict[str, list[tuple[str, str]]] = {
     "llm": [(r"^model\.", f"{HF_LM}."), (r"^lm_head\.weight$", HF_LM_HEAD)],
     "vision": [
@@ -329,17 +329,35 @@ _RENAMES: dict[str, list[tuple[str, str]]] = {
         (r"^(model\.)?multi_modal_projector\.", f"{HF_PROJECTOR}."),
     ],
     "llava": [
+        # transformers 5's save_pretrained of a LLaVA subclass (our exported class, loaded with
+        # trust_remote_code and saved again) nests the LLM once more
+        (r"^model\.language_model\.model\.", f"{HF_LM}."),
         (r"^model\.language_model\.", f"{HF_LM}."),
         (r"^model\.vision_tower\.vision_model\.", f"{HF_VISION}."),
         (r"^model\.vision_tower\.", f"{HF_VISION}."),
         (r"^model\.multi_modal_projector\.", f"{HF_PROJECTOR}."),
         (r"^lm_head\.weight$", HF_LM_HEAD),
-        # transformers 4 (e.g. llava-hf/llava-1.5-7b-hf)
+        # transformers 4 (e.g. llava-hf/llava-1.5-7b-hf), and transformers 5's save_pretrained
+        # (which writes the 4.x LLM names but a vision tower without "vision_model.")
         (r"^language_model\.model\.", f"{HF_LM}."),
         (r"^language_model\.lm_head\.weight$", HF_LM_HEAD),
         (r"^vision_tower\.vision_model\.", f"{HF_VISION}."),
+        (r"^vision_tower\.", f"{HF_VISION}."),
         (r"^multi_modal_projector\.", f"{HF_PROJECTOR}."),
     ],
+}
+
+# The LLaVA layouts :func:`canonical_hf_name` reads (for docs and error messages): name prefixes
+# of the language model, its LM head, the vision tower and the projector.
+LLAVA_LAYOUTS = {
+    "transformers 5 (in memory; our export)": ("model.language_model.", "lm_head.", "model.vision_tower.",
+                                               "model.multi_modal_projector."),
+    "transformers 5 save_pretrained": ("language_model.model.", "language_model.lm_head.", "vision_tower.",
+                                       "multi_modal_projector."),
+    "transformers 5 save_pretrained of a subclass": ("model.language_model.model.", "lm_head.",
+                                                     "model.vision_tower.", "model.multi_modal_projector."),
+    "transformers 4 (llava-hf/llava-1.5-*)": ("language_model.model.", "language_model.lm_head.",
+                                              "vision_tower.vision_model.", "multi_modal_projector."),
 }
 
 # Tensors an input may hold that the LLaVA model does not use, dropped on import.

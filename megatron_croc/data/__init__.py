@@ -5,8 +5,11 @@ Layout (this package never imports ``megatron_croc.models``, ``megatron_croc.tra
 
 - ``templates``   conversation templates (plain, vicuna_v1, llama3, chatml) and loss masks
 - ``tokenizers``  SentencePiece and HuggingFace tokenizers behind one interface
-- ``images``      decoding any input image to RGB, pad-to-square / resize+crop, CLIP constants
+- ``images``      the image folder (paths contained, regular files only), decoding any image to RGB,
+                  pad-to-square / resize+crop, CLIP constants
 - ``records``     validation of LLaVA-format records (turn order, ``<image>`` placement, ...)
+- ``inputs``      JSON/JSONL input files: bounded, indexed reading and decoding with line/byte errors
+- ``locking``     one run per output prefix: file locks that name their holder
 - ``indexed``     our sample layout inside megatron-core's ``IndexedDataset`` (.bin/.idx + sidecar)
 - ``preprocess``  the parallel, partitioned, resumable preprocessing run behind tools/preprocess_data.py
 - ``dataset``     blending, packing and the collate function producing the training batch

@@ -46,12 +46,16 @@ class SkipReason(enum.StrEnum):
     NO_IMAGE_TOKEN = "no_image_token"
     MULTIPLE_IMAGE_TOKENS = "multiple_image_tokens"
     IMAGE_TOKEN_WITHOUT_IMAGE = "image_token_without_image"
+    IMAGE_OUTSIDE_FOLDER = "image_outside_folder"
+    IMAGE_NOT_REGULAR_FILE = "image_not_regular_file"
     IMAGE_MISSING = "image_missing"
     IMAGE_EMPTY = "image_empty"
     IMAGE_TRUNCATED = "image_truncated"
     IMAGE_DECODE_ERROR = "image_decode_error"
     IMAGE_TOO_LARGE = "image_too_large"
     TOO_LONG = "too_long"
+    RECORD_TOO_LARGE = "record_too_large"
+    DUPLICATE_ID = "duplicate_id"
     INTERNAL_ERROR = "internal_error"
 
 

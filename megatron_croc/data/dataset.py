@@ -369,7 +369,9 @@ def open_blend(entries: Sequence[tuple[float | None, str]], *, seed: int, shuffl
 
 @dataclass(kw_only=True)
 class DataLoaderConfig:
-    data_path: Sequence[tuple[float | None, str]]  # parse_data_path's (weight, prefix) pairs
+    # Megatron's --data-path as given (["0.7", "data/a", "0.3", "data/b"], ["data/a"], or one
+    # string "0.7 data/a 0.3 data/b"), or parse_data_path's (weight, prefix) pairs; stored as pairs.
+    data_path: Sequence[tuple[float | None, str]] | Sequence[str] | str
     seq_length: int
     num_image_tokens: int
     micro_batch_size: int
@@ -380,6 +382,11 @@ class DataLoaderConfig:
     pin_memory: bool = False
     total_samples: int | None = None  # stop after this many rows (whole global batches); None: endless
     shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        entries = [self.data_path] if isinstance(self.data_path, str) else list(self.data_path)
+        if not (entries and all(isinstance(e, tuple) for e in entries)):
+            self.data_path = parse_data_path(self.data_path)  # type: ignore[arg-type]
 
 
 def build_data_loader(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -34,19 +35,117 @@ ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 TRANSFORMS = ("pad", "crop")
 
 
-def read_image_file(path: str | os.PathLike[str]) -> bytes:
-    """Bytes of an image file; a missing or empty file is a skip, not a crash."""
+DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20  # far above any training image; bounds what one record can make us read
+
+
+def read_image_file(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """Bytes of a *regular* image file of at most ``max_bytes``, or ``SkipSample`` saying why not.
+
+    Only regular files are opened: a FIFO would block the run forever, a device such as
+    ``/dev/zero`` never ends, and opening some devices has side effects; their type is checked
+    with ``stat`` first, then again on the opened descriptor (``O_NONBLOCK`` so that a file
+    swapped for a FIFO in between cannot block the open, ``O_NOFOLLOW`` so that the last path
+    component cannot have become a symlink). At most ``max_bytes + 1`` bytes are read.
+    """
+    name = os.fspath(path)
     try:
-        data = open(path, "rb").read()
+        st = os.stat(name)
     except FileNotFoundError:
-        raise SkipSample(SkipReason.IMAGE_MISSING, f"no such file: {os.fspath(path)}") from None
-    except IsADirectoryError:
-        raise SkipSample(SkipReason.IMAGE_MISSING, f"is a directory: {os.fspath(path)}") from None
+        raise SkipSample(SkipReason.IMAGE_MISSING, f"no such file: {name}") from None
+    except (OSError, ValueError) as err:
+        raise SkipSample(SkipReason.IMAGE_MISSING, f"cannot stat {name}: {err}") from None
+    _check_regular(st, name)
+    _check_size(st.st_size, name, max_bytes)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(name, flags)
+    except FileNotFoundError:
+        raise SkipSample(SkipReason.IMAGE_MISSING, f"no such file: {name}") from None
     except OSError as err:
-        raise SkipSample(SkipReason.IMAGE_MISSING, f"cannot read {os.fspath(path)}: {err}") from None
+        raise SkipSample(SkipReason.IMAGE_MISSING, f"cannot open {name}: {err}") from None
+    try:
+        st = os.fstat(fd)
+        _check_regular(st, name)
+        _check_size(st.st_size, name, max_bytes)
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+    except OSError as err:
+        raise SkipSample(SkipReason.IMAGE_MISSING, f"cannot read {name}: {err}") from None
+    finally:
+        os.close(fd)
+    _check_size(len(data), name, max_bytes)  # the file grew after the stat
     if not data:
-        raise SkipSample(SkipReason.IMAGE_EMPTY, f"zero-byte file: {os.fspath(path)}")
+        raise SkipSample(SkipReason.IMAGE_EMPTY, f"zero-byte file: {name}")
     return data
+
+
+def _check_regular(st: os.stat_result, name: str) -> None:
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "special file")
+    raise SkipSample(SkipReason.IMAGE_NOT_REGULAR_FILE, f"{name} is a {kind}, not a regular file; it is not opened")
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"),
+               (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+
+
+def _check_size(size: int, name: str, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise SkipSample(SkipReason.IMAGE_TOO_LARGE,
+                         f"{name} has {size if size <= max_bytes + 1 else 'more than ' + str(max_bytes)} bytes > "
+                         f"--max-image-bytes {max_bytes}; raise the limit if such files are meant")
+
+
+class ImageFolder:
+    """Where the ``image`` paths of records may lead, and the one way to read them.
+
+    Records come from datasets nobody here wrote, so their paths are not trusted: a path is
+    resolved inside ``root`` (after following symlinks) and one that leaves it (``..``, an
+    absolute path, a symlink pointing outside) is skipped as ``image_outside_folder`` without
+    being opened. ``allow_absolute`` accepts absolute paths (for records that carry them) and
+    ``allow_symlinks_outside`` symlinks inside ``root`` that point elsewhere (a folder that links
+    to shared storage); ``..`` never leaves ``root``. Either way only regular files of at most
+    ``max_bytes`` are read (see :func:`read_image_file`).
+
+    The check is made when the path is resolved; a folder that an adversary rewrites while the
+    run reads it (swapping a checked directory for a symlink) is outside this threat model.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, allow_absolute: bool = False,
+                 allow_symlinks_outside: bool = False, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> None:
+        self.root = os.path.realpath(root)
+        self.allow_absolute = allow_absolute
+        self.allow_symlinks_outside = allow_symlinks_outside
+        self.max_bytes = max_bytes
+
+    def resolve(self, image: str) -> str:
+        """The real path of the file ``image`` names, or ``SkipSample`` when it may not be read."""
+        if "\x00" in image:
+            raise SkipSample(SkipReason.MALFORMED_SAMPLE, f"'image' {image!r} contains a NUL character")
+        if os.path.isabs(image):
+            if not self.allow_absolute:
+                raise SkipSample(SkipReason.IMAGE_OUTSIDE_FOLDER,
+                                 f"{image!r} is an absolute path; image paths are relative to --image-folder "
+                                 "(pass --allow-absolute-image-paths if the records are trusted to carry them)")
+            return os.path.realpath(image)
+        lexical = os.path.normpath(image)
+        if lexical == ".." or lexical.startswith(".." + os.sep):
+            raise SkipSample(SkipReason.IMAGE_OUTSIDE_FOLDER, f"{image!r} leaves --image-folder {self.root} with '..'")
+        real = os.path.realpath(os.path.join(self.root, image))
+        if not self.allow_symlinks_outside and not _inside(real, self.root):
+            raise SkipSample(SkipReason.IMAGE_OUTSIDE_FOLDER,
+                             f"{image!r} resolves to {real}, outside --image-folder {self.root} (a symlink); pass "
+                             "--allow-image-symlinks-outside if the folder links to other storage on purpose")
+        return real
+
+    def read(self, image: str) -> bytes:
+        """The bytes of the image a record names (see the class docstring for what is refused)."""
+        return read_image_file(self.resolve(image), max_bytes=self.max_bytes)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def decode_image(data: bytes, *, draft_size: tuple[int, int] | None = None) -> Image.Image:

@@ -123,21 +123,63 @@ class IndexedSampleWriter:
         self._builder.finalize(idx_path or get_idx_path(self.prefix))
 
 
-def merge_indexed(parts: list[str], out_prefix: str, *, tmp_suffix: str = ".merging") -> None:
-    """Concatenate partition datasets in order into ``out_prefix`` (atomic rename at the end)."""
+def merge_indexed(parts: list[str], out_prefix: str, *, keep: list[np.ndarray | None] | None = None,
+                  tmp_suffix: str = ".merging") -> None:
+    """Concatenate partition datasets in order into ``out_prefix`` (atomic rename at the end).
+
+    ``keep[i]``: which samples of part i to copy (a boolean mask), None for all of them. Whole
+    parts are appended as files (megatron-core's ``add_index``), filtered ones sample by sample.
+    """
     tmp = out_prefix + tmp_suffix
     builder = IndexedDatasetBuilder(get_bin_path(tmp), dtype=np.int32, multimodal=True)
+    keep = keep if keep is not None else [None] * len(parts)
     # add_index runs gc.collect() per part; freezing the (large, long-lived) heap first keeps that
     # from scanning every object of torch/megatron hundreds of times.
     gc.freeze()
     try:
-        for part in parts:
-            builder.add_index(part)
+        for part, mask in zip(parts, keep):
+            if mask is None or mask.all():
+                builder.add_index(part)
+            elif mask.any():
+                ds = IndexedDataset(part, multimodal=True)
+                docs = np.asarray(ds.document_indices)
+                for d in np.flatnonzero(mask):
+                    for item in range(int(docs[d]), int(docs[d + 1])):
+                        values, mode = ds[item]
+                        builder.add_item(torch.from_numpy(np.array(values)), int(mode))
+                    builder.end_document()
+                del ds
     finally:
         gc.unfreeze()
     builder.finalize(get_idx_path(tmp))
     os.replace(get_bin_path(tmp), get_bin_path(out_prefix))
     os.replace(get_idx_path(tmp), get_idx_path(out_prefix))
+
+
+@dataclass(kw_only=True)
+class StoredSummary:
+    """What the counts need to know of one stored sample."""
+
+    sample_id: str
+    tokens: int
+    supervised_tokens: int
+    has_image: bool
+
+
+def read_summaries(prefix: str, positions: np.ndarray) -> list[StoredSummary]:
+    """Id, length, supervised tokens and image flag of samples ``positions`` of one .bin/.idx."""
+    ds = IndexedDataset(prefix, multimodal=True)
+    docs = np.asarray(ds.document_indices)
+    out = []
+    for d in positions:
+        first = int(docs[d])
+        tokens, _ = ds[first]
+        mask, _ = ds[first + 1]
+        sid, _ = ds[first + 2]
+        out.append(StoredSummary(sample_id=_int32_to_bytes(sid).decode("utf-8"), tokens=len(tokens),
+                                 supervised_tokens=int(np.asarray(mask).sum()),
+                                 has_image=int(docs[d + 1]) - first == 4))
+    return out
 
 
 def read_meta(prefix: str | os.PathLike[str]) -> dict[str, Any]:

@@ -9,12 +9,19 @@ partitions (``--partition-index``). When all partitions are done they are merged
 ``<prefix>.skipped.jsonl``, and ``<prefix>.meta.json`` gets the settings and counts.
 
 Per-sample problems never stop the run: they are skipped with a reason (see ``SkipReason``).
+
+Inputs are not trusted (see docs/SECURITY.md): image paths stay inside the image folder and only
+regular files of bounded size are read (``ImageFolder``), JSONL lines are read only up to
+``--max-record-bytes``, and a record whose text cannot fit ``--seq-length`` is skipped before it
+is tokenized. The output prefix is locked for the run (``PREFIX.lock``), and the worker
+processes die with the parent.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import glob
 import hashlib
 import json
 import math
@@ -22,12 +29,12 @@ import multiprocessing
 import os
 import queue
 import shutil
+import socket
 import sys
 import time
 import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -40,8 +47,23 @@ from megatron_croc.data.constants import (
     SkipReason,
     SkipSample,
 )
-from megatron_croc.data.images import CLIP_MEAN_RGB, TRANSFORMS, process_image_bytes, read_image_file
-from megatron_croc.data.records import parse_record
+from megatron_croc.data.images import (
+    CLIP_MEAN_RGB,
+    DEFAULT_MAX_IMAGE_BYTES,
+    TRANSFORMS,
+    ImageFolder,
+    process_image_bytes,
+)
+from megatron_croc.data.inputs import (
+    DEFAULT_MAX_RECORD_BYTES,
+    InputError,
+    Source,
+    decode_line,
+    load_source,
+    leading_id,
+)
+from megatron_croc.data.locking import LockHeldError, RunLock, describe_holder, read_lock_note
+from megatron_croc.data.records import parse_record, record_id
 from megatron_croc.data.templates import TEMPLATES, TemplateError, get_template
 from megatron_croc.data.tokenizers import TOKENIZER_TYPES, Tokenizer, TokenizerError, build_tokenizer
 
@@ -55,6 +77,10 @@ class PreprocessArgumentError(ValueError):
 
 class PreprocessError(RuntimeError):
     """The run stopped (e.g. a worker process died); finished partitions are kept."""
+
+
+class OutputBusyError(PreprocessError):
+    """Another live run writes the same output prefix (the message names it)."""
 
 
 @dataclass(kw_only=True)
@@ -77,6 +103,11 @@ class PreprocessConfig:
     no_merge: bool = False
     prepend_missing_image_token: bool = False
     jpeg_draft: bool = False
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    allow_absolute_image_paths: bool = False
+    allow_image_symlinks_outside: bool = False
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    dedupe_ids: bool = False
     overwrite: bool = False
     progress_bar: bool = True
 
@@ -91,9 +122,12 @@ class PartitionCounts:
     supervised_tokens: int = 0
     max_expanded_length: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    # kept samples whose id an earlier kept sample already has (found when the partitions are
+    # merged; with --dedupe-ids they are dropped and counted in skipped["duplicate_id"] instead)
+    duplicate_ids: int = 0
 
     def add(self, other: "PartitionCounts") -> None:
-        for name in ("records", "samples", "with_image", "text_only", "tokens", "supervised_tokens"):
+        for name in ("records", "samples", "with_image", "text_only", "tokens", "supervised_tokens", "duplicate_ids"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.max_expanded_length = max(self.max_expanded_length, other.max_expanded_length)
         merged = Counter(self.skipped)
@@ -119,55 +153,6 @@ class PreprocessResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-@dataclass(kw_only=True)
-class _Source:
-    path: str
-    kind: str  # "json" or "jsonl"
-    records: list[Any] | None = None  # json: the parsed array
-    offsets: np.ndarray | None = None  # jsonl: byte offset of each non-blank line
-    line_numbers: np.ndarray | None = None  # jsonl: 1-based line number of each record
-
-    def __len__(self) -> int:
-        return len(self.records) if self.records is not None else len(self.offsets)  # type: ignore[arg-type]
-
-
-def _load_source(path: str) -> _Source:
-    p = Path(path)
-    if not p.is_file():
-        raise PreprocessArgumentError(f"--input {path!r}: no such file; pass LLaVA-format .json or .jsonl files")
-    with open(p, "rb") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith(b"\xef\xbb\xbf"):
-        head = head[3:].lstrip()
-    if head.startswith(b"["):
-        try:
-            with open(p, encoding="utf-8-sig") as f:
-                records = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise PreprocessArgumentError(
-                f"--input {path!r} starts like a JSON array but is not valid JSON ({err}); fix the file, "
-                "or convert it to JSON Lines (one record per line) so bad records are skipped one by one"
-            ) from None
-        return _Source(path=str(p), kind="json", records=records)
-    # JSON Lines: index the byte offset of every non-blank line; workers parse their own lines.
-    offsets: list[int] = []
-    lines: list[int] = []
-    pos = 0
-    with open(p, "rb") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                offsets.append(pos)
-                lines.append(lineno)
-            pos += len(line)
-    return _Source(
-        path=str(p), kind="jsonl", offsets=np.asarray(offsets, np.int64), line_numbers=np.asarray(lines, np.int64)
-    )
-
-
-# ---------------------------------------------------------------------------------------------
 # The job (module-level so forked workers inherit it without pickling)
 
 
@@ -175,11 +160,13 @@ def _load_source(path: str) -> _Source:
 class _Job:
     cfg: PreprocessConfig
     tokenizer: Tokenizer
-    sources: list[_Source]
+    sources: list[Source]
+    image_folders: list[ImageFolder]  # one per source (the default folder is the source's own)
     source_starts: np.ndarray  # global record index where each source starts
     total_records: int
     num_partitions: int
     parts_dir: str
+    parent_pid: int = 0
     progress_queue: Any = None
 
     def partition_range(self, k: int) -> tuple[int, int]:
@@ -189,36 +176,54 @@ class _Job:
     def part_prefix(self, k: int) -> str:
         return os.path.join(self.parts_dir, f"part-{k:05d}-of-{self.num_partitions:05d}")
 
+    def report_line_order(self, line: str) -> int:
+        """Global record index of a skip-report line (they are written in input order)."""
+        entry = json.loads(line)
+        s_i = next(i for i, s in enumerate(self.sources) if s.path == entry["source"])
+        return int(self.source_starts[s_i]) + int(entry["record"])
+
+    def locate(self, record: int) -> str:
+        """``file.jsonl:LINE`` (or ``file.json#INDEX``) of global record ``record``."""
+        s_i = int(np.searchsorted(self.source_starts, record, side="right")) - 1
+        return self.sources[s_i].where(record - int(self.source_starts[s_i]))
+
 
 _JOB: _Job | None = None
 
+# The per-partition files, beside PREFIX.parts/part-K-of-N.{bin,idx}.
+_DONE, _SKIPS, _IDS = ".done.json", ".skipped.jsonl", ".ids.npy"
+_IDS_DTYPE = np.dtype([("record", np.int64), ("hash", np.uint64)])
+
 
 def _done_path(part_prefix: str) -> str:
-    return part_prefix + ".done.json"
+    return part_prefix + _DONE
 
 
-def _image_path(job: _Job, source: _Source, image: str) -> str:
-    if os.path.isabs(image):
-        return image
-    folder = job.cfg.image_folder if job.cfg.image_folder is not None else os.path.dirname(source.path)
-    return os.path.join(folder, image)
+def _id_hash(sample_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(sample_id.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def _process_record(job: _Job, source: _Source, local: int, raw: Any, fallback_id: str) -> dict[str, Any]:
+def _process_record(job: _Job, s_i: int, record: Any, fallback_id: str) -> dict[str, Any]:
+    """One decoded record -> the arrays to store, or ``SkipSample``."""
     cfg = job.cfg
-    if source.kind == "jsonl":
-        try:
-            raw = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SkipSample(SkipReason.MALFORMED_JSON, str(err)) from None
-    conv = parse_record(raw, fallback_id=fallback_id, prepend_missing_image_token=cfg.prepend_missing_image_token)
+    conv = parse_record(record, fallback_id=fallback_id, prepend_missing_image_token=cfg.prepend_missing_image_token)
     template = get_template(cfg.template)
+    has_image = conv.image is not None
+    image_positions = cfg.num_image_tokens - 1 if has_image else 0
     try:
+        if cfg.seq_length is not None:
+            # Before tokenizing: a record whose text alone cannot fit costs milliseconds, not a
+            # tokenization of megabytes (see Template.min_length).
+            at_least = template.min_length(conv.turns, job.tokenizer) + image_positions
+            if at_least > cfg.seq_length:
+                raise SkipSample(
+                    SkipReason.TOO_LONG,
+                    f"at least {at_least} positions (text not tokenized: it cannot fit) > --seq-length {cfg.seq_length}",
+                )
         rendered = template.render(conv.turns, job.tokenizer)
     except TemplateError as err:
         raise SkipSample(SkipReason.TURN_ORDER, f"{cfg.template}: {err}") from None
-    has_image = conv.image is not None
-    expanded = len(rendered.tokens) + (cfg.num_image_tokens - 1 if has_image else 0)
+    expanded = len(rendered.tokens) + image_positions
     if cfg.seq_length is not None and expanded > cfg.seq_length:
         raise SkipSample(
             SkipReason.TOO_LONG,
@@ -231,7 +236,7 @@ def _process_record(job: _Job, source: _Source, local: int, raw: Any, fallback_i
         "expanded": expanded,
     }
     if has_image:
-        data = read_image_file(_image_path(job, source, conv.image))  # type: ignore[arg-type]
+        data = job.image_folders[s_i].read(conv.image)  # type: ignore[arg-type]
         # Decode even when keeping the encoded bytes: a bad image must be caught here, not in training.
         pixels = process_image_bytes(data, size=cfg.image_size, transform=cfg.image_transform, jpeg_draft=cfg.jpeg_draft)
         if cfg.image_storage == "pixels":
@@ -242,29 +247,16 @@ def _process_record(job: _Job, source: _Source, local: int, raw: Any, fallback_i
 
 
 def _iter_partition(job: _Job, k: int):
-    """Yield (source, local index, raw record, fallback id, location) for partition k."""
+    """Yield (source index, local index, raw record) for partition k."""
     start, stop = job.partition_range(k)
     for s_i, source in enumerate(job.sources):
         s0 = int(job.source_starts[s_i])
-        s1 = s0 + len(source)
-        lo, hi = max(start, s0), min(stop, s1)
+        lo, hi = max(start, s0), min(stop, s0 + len(source))
         if lo >= hi:
             continue
-        name = os.path.basename(source.path)
-        if source.kind == "json":
-            for g in range(lo, hi):
-                local = g - s0
-                yield source, local, source.records[local], f"{name}#{local}", {"record": local}  # type: ignore[index]
-        else:
-            with open(source.path, "rb") as f:
-                f.seek(int(source.offsets[lo - s0]))  # type: ignore[index]
-                for g in range(lo, hi):
-                    local = g - s0
-                    line = f.readline()
-                    lineno = int(source.line_numbers[local])  # type: ignore[index]
-                    while line and not line.strip():  # blank lines are not records
-                        line = f.readline()
-                    yield source, local, line, f"{name}:{lineno}", {"record": local, "line": lineno}
+        raws = source.iter_raw(lo - s0, hi - s0, max_record_bytes=job.cfg.max_record_bytes)
+        for local, raw in zip(range(lo - s0, hi - s0), raws):
+            yield s_i, local, raw
 
 
 def _process_partition(k: int, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -278,6 +270,7 @@ def _process_partition(k: int, progress: Callable[[int, int], None] | None = Non
     counts = PartitionCounts()
     skipped = Counter()
     report_lines: list[str] = []
+    kept_ids: list[tuple[int, int]] = []  # (global record, id hash) of each stored sample
     pending_done = pending_skip = 0
     last_report = time.monotonic()
 
@@ -293,38 +286,33 @@ def _process_partition(k: int, progress: Callable[[int, int], None] | None = Non
         pending_done = pending_skip = 0
         last_report = time.monotonic()
 
-    for source, local, raw, fallback_id, location in _iter_partition(job, k):
+    for s_i, local, raw in _iter_partition(job, k):
+        source = job.sources[s_i]
         counts.records += 1
         pending_done += 1
+        fallback_id = source.where(local)
+        location = source.location(local)
+        sid = fallback_id  # until the record names itself: every skip carries the best id known
         try:
-            out = _process_record(job, source, local, raw, fallback_id)
-        except SkipSample as skip:
-            skipped[skip.reason.value] += 1
-            pending_skip += 1
-            sid = fallback_id
-            if isinstance(raw, dict) and raw.get("id") is not None:
-                sid = str(raw["id"])
-            elif source.kind == "jsonl":
+            if source.kind == "jsonl":
                 try:
-                    parsed = json.loads(raw)
-                    if isinstance(parsed, dict) and parsed.get("id") is not None:
-                        sid = str(parsed["id"])
-                except Exception:
-                    pass
-            report_lines.append(json.dumps(
-                {"id": sid, "source": source.path, **location, "reason": skip.reason.value, "detail": skip.detail},
-                ensure_ascii=False,
-            ))
-            report()
-            continue
-        except Exception as err:  # a bug must not kill a 1.5M-sample run; it is reported instead
-            skipped[SkipReason.INTERNAL_ERROR.value] += 1
+                    record = decode_line(raw, line=location["line"], max_record_bytes=job.cfg.max_record_bytes)
+                except SkipSample:
+                    sid = leading_id(raw) or fallback_id
+                    raise
+            else:
+                record = raw
+            sid = record_id(record) or fallback_id
+            out = _process_record(job, s_i, record, fallback_id)
+        except Exception as err:  # a bug must not kill a 1.5M-sample run either: it is reported
+            if isinstance(err, SkipSample):
+                reason, detail = err.reason.value, err.detail
+            else:
+                reason = SkipReason.INTERNAL_ERROR.value
+                detail = f"{type(err).__name__}: {err} | {traceback.format_exc(limit=3)!r}"
+            skipped[reason] += 1
             pending_skip += 1
-            detail = f"{type(err).__name__}: {err} | {traceback.format_exc(limit=3)!r}"
-            report_lines.append(json.dumps(
-                {"id": fallback_id, "source": source.path, **location, "reason": SkipReason.INTERNAL_ERROR.value,
-                 "detail": detail}, ensure_ascii=False,
-            ))
+            report_lines.append(_skip_line(sid, source.path, location, reason, detail))
             report()
             continue
         writer.add(
@@ -334,6 +322,7 @@ def _process_partition(k: int, progress: Callable[[int, int], None] | None = Non
             image_pixels=out.get("image_pixels"),
             image_encoded=out.get("image_encoded"),
         )
+        kept_ids.append((int(job.source_starts[s_i]) + local, _id_hash(out["sample_id"])))
         counts.samples += 1
         if "image_pixels" in out or "image_encoded" in out:
             counts.with_image += 1
@@ -351,18 +340,31 @@ def _process_partition(k: int, progress: Callable[[int, int], None] | None = Non
     writer.finalize(get_idx_path(tmp))
     os.replace(get_bin_path(tmp), get_bin_path(prefix))
     os.replace(get_idx_path(tmp), get_idx_path(prefix))
-    with open(prefix + ".skipped.jsonl.tmp", "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in report_lines))
-    os.replace(prefix + ".skipped.jsonl.tmp", prefix + ".skipped.jsonl")
+    _write_text(prefix + _SKIPS, "".join(line + "\n" for line in report_lines))
+    with open(prefix + _IDS + ".tmp", "wb") as f:
+        np.save(f, np.array(kept_ids, dtype=_IDS_DTYPE))
+    os.replace(prefix + _IDS + ".tmp", prefix + _IDS)
     done = {"partition": k, "range": list(job.partition_range(k)), "counts": asdict(counts)}
-    with open(_done_path(prefix) + ".tmp", "w") as f:
-        json.dump(done, f)
-    os.replace(_done_path(prefix) + ".tmp", _done_path(prefix))  # written last: marks it complete
+    _write_text(_done_path(prefix), json.dumps(done))  # written last: marks it complete
     return done
+
+
+def _skip_line(sample_id: str, source: str, location: dict[str, int], reason: str, detail: str) -> str:
+    return json.dumps({"id": sample_id, "source": source, **location, "reason": reason, "detail": detail},
+                      ensure_ascii=False)
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write ``path`` atomically (a temporary file renamed over it). Text that a record carried
+    could hold lone surrogates: they are written escaped rather than failing the run."""
+    with open(path + ".tmp", "w", encoding="utf-8", errors="backslashreplace") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def _worker_init(q: Any) -> None:
     assert _JOB is not None
+    _exit_with_parent(_JOB.parent_pid)
     _JOB.progress_queue = q
     try:
         import torch
@@ -370,6 +372,36 @@ def _worker_init(q: Any) -> None:
         torch.set_num_threads(1)  # one core per worker process
     except Exception:
         pass
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Make this worker die with the run's parent process (even on SIGKILL of the parent), so
+    no orphan keeps writing partitions that a new run is about to redo.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` through libc (no library wraps it in our stack);
+    elsewhere a daemon thread that notices the re-parenting within a second.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:  # the parent died before the prctl took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,10 +425,13 @@ def _validate(cfg: PreprocessConfig) -> None:
         raise PreprocessArgumentError(
             f"--seq-length {cfg.seq_length} leaves no room for text after {cfg.num_image_tokens} image tokens"
         )
-    if cfg.workers < 1:
-        raise PreprocessArgumentError(f"--workers {cfg.workers}: must be >= 1")
-    if cfg.partitions is not None and cfg.partitions < 1:
-        raise PreprocessArgumentError(f"--partitions {cfg.partitions}: must be >= 1")
+    for flag, value in (("--workers", cfg.workers), ("--partitions", cfg.partitions),
+                        ("--max-image-bytes", cfg.max_image_bytes), ("--max-record-bytes", cfg.max_record_bytes)):
+        if value is not None and value < 1:
+            raise PreprocessArgumentError(f"{flag} {value}: must be >= 1")
+    if cfg.overwrite and cfg.partition_index is not None:
+        raise PreprocessArgumentError("--overwrite with --partition-index: other nodes may be using the partitions; "
+                                      "start over in one run without --partition-index")
     if cfg.image_folder is not None and not os.path.isdir(cfg.image_folder):
         raise PreprocessArgumentError(f"--image-folder {cfg.image_folder!r}: no such directory")
     out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
@@ -413,7 +448,7 @@ def _validate(cfg: PreprocessConfig) -> None:
             raise PreprocessArgumentError(f"--output-prefix {cfg.output_prefix!r} would overwrite --input {inp!r}")
 
 
-def _fingerprint(cfg: PreprocessConfig, tokenizer: Tokenizer, sources: list[_Source], total: int) -> dict[str, Any]:
+def _fingerprint(cfg: PreprocessConfig, tokenizer: Tokenizer, sources: list[Source], total: int) -> dict[str, Any]:
     inputs = []
     for s in sources:
         st = os.stat(s.path)
@@ -433,6 +468,11 @@ def _fingerprint(cfg: PreprocessConfig, tokenizer: Tokenizer, sources: list[_Sou
         "num_image_tokens": cfg.num_image_tokens,
         "prepend_missing_image_token": cfg.prepend_missing_image_token,
         "jpeg_draft": cfg.jpeg_draft,
+        "max_image_bytes": cfg.max_image_bytes,
+        "allow_absolute_image_paths": cfg.allow_absolute_image_paths,
+        "allow_image_symlinks_outside": cfg.allow_image_symlinks_outside,
+        "max_record_bytes": cfg.max_record_bytes,
+        "dedupe_ids": cfg.dedupe_ids,
     }
 
 
@@ -450,18 +490,104 @@ def _remove_outputs(prefix: str) -> None:
             os.remove(prefix + suffix)
 
 
+def lock_path(prefix: str) -> str:
+    return prefix + ".lock"
+
+
+class _OutputLocks:
+    """The locks of one run on its output prefix (see ``megatron_croc.data.locking``): the
+    prefix lock (exclusive; shared for a ``--partition-index`` run, which also locks each of its
+    partitions). Released together, on any exit."""
+
+    def __init__(self, prefix: str, log: Callable[[str], None]) -> None:
+        self.prefix, self.log = prefix, log
+        self.locks: list[RunLock] = []
+
+    def take_prefix(self, *, shared: bool) -> None:
+        lock = RunLock(lock_path(self.prefix), shared=shared, what=f"--output-prefix {self.prefix!r}")
+        try:
+            stale = lock.acquire()
+        except LockHeldError as err:
+            holders = self._partition_holders()
+            raise OutputBusyError(
+                (f"--output-prefix {self.prefix!r} is being written by --partition-index run(s): "
+                 + "; ".join(holders) if holders and not shared else str(err))
+                + ". Wait for it to finish, or use another --output-prefix (if that run is gone, its lock "
+                "is released with it: rerun)"
+            ) from None
+        self.locks.append(lock)
+        self._note_stale(stale)
+
+    def take_partitions(self, parts: list[tuple[int, str]]) -> None:
+        for k, part_prefix in parts:
+            lock = RunLock(part_prefix + ".lock", what=f"partition {k} of {self.prefix!r}")
+            try:
+                stale = lock.acquire()
+            except LockHeldError as err:
+                raise OutputBusyError(f"{err}; give this run other --partition-index values") from None
+            self.locks.append(lock)
+            self._note_stale(stale)
+
+    def _partition_holders(self) -> list[str]:
+        notes = {}
+        for path in sorted(glob.glob(glob.escape(self.prefix + ".parts") + "/*.lock")):
+            note = read_lock_note(path)
+            if note:
+                notes[(note.get("host"), note.get("pid"))] = describe_holder(note)
+        return list(notes.values())
+
+    def _note_stale(self, stale: dict[str, Any] | None) -> None:
+        if stale:
+            self.log(f"taking over a lock left by a run that is gone ({describe_holder(stale)}); its unfinished "
+                     "partitions are redone")
+
+    def release(self) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+        self.locks.clear()
+
+
 def run_preprocess(cfg: PreprocessConfig, *, log: Callable[[str], None] = print) -> PreprocessResult:
     """Run (or resume) preprocessing; see the module docstring."""
-    global _JOB
-    t0 = time.monotonic()
     _validate(cfg)
     try:
         tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
         get_template(cfg.template).check_tokenizer(tokenizer)
     except TokenizerError as err:
         raise PreprocessArgumentError(f"--tokenizer-type/--tokenizer-model/--template: {err}") from None
+    locks = _OutputLocks(cfg.output_prefix, log)
+    try:
+        # Before anything under the prefix is read or written: a second run is refused here.
+        locks.take_prefix(shared=cfg.partition_index is not None)
+        return _run_locked(cfg, tokenizer, locks, log)
+    finally:
+        locks.release()
 
-    sources = [_load_source(p) for p in cfg.inputs]
+
+def _write_manifest(manifest_file: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Create the manifest unless it exists (several --partition-index runs may start at once:
+    the first one's wins, atomically) and return the one on disk."""
+    tmp = f"{manifest_file}.{socket.gethostname()}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    try:
+        os.link(tmp, manifest_file)
+    except FileExistsError:
+        pass
+    finally:
+        os.remove(tmp)
+    with open(manifest_file) as f:
+        return json.load(f)
+
+
+def _run_locked(cfg: PreprocessConfig, tokenizer: Tokenizer, locks: _OutputLocks,
+                log: Callable[[str], None]) -> PreprocessResult:
+    global _JOB
+    t0 = time.monotonic()
+    try:
+        sources = [load_source(p) for p in cfg.inputs]
+    except InputError as err:
+        raise PreprocessArgumentError(str(err)) from None
     sizes = [len(s) for s in sources]
     total = int(sum(sizes))
     if total == 0:
@@ -491,30 +617,30 @@ def run_preprocess(cfg: PreprocessConfig, *, log: Callable[[str], None] = print)
     if cfg.overwrite and os.path.isdir(parts_dir):
         shutil.rmtree(parts_dir)
     num_partitions = cfg.partitions
-    if os.path.exists(manifest_file):
-        with open(manifest_file) as f:
-            manifest = json.load(f)
-        if manifest["fingerprint"] != fp_hash:
-            raise PreprocessArgumentError(
-                f"{parts_dir!r} holds an unfinished run with other inputs/settings "
-                f"(different: {_diff(manifest.get('fingerprint_fields', {}), fp)}); pass --overwrite to start "
-                "over, or rerun with the original arguments to resume it"
-            )
-        if num_partitions is not None and num_partitions != manifest["partitions"]:
-            raise PreprocessArgumentError(
-                f"--partitions {num_partitions}: the unfinished run in {parts_dir!r} uses "
-                f"{manifest['partitions']} partitions; rerun with --partitions {manifest['partitions']} (or "
-                "without it) to resume, or pass --overwrite to start over"
-            )
-        num_partitions = int(manifest["partitions"])
-    else:
+    if not os.path.exists(manifest_file):
         if num_partitions is None:
             num_partitions = max(cfg.workers, math.ceil(total / DEFAULT_RECORDS_PER_PARTITION))
         num_partitions = min(num_partitions, total)
         os.makedirs(parts_dir, exist_ok=True)
-        with open(manifest_file + ".tmp", "w") as f:
-            json.dump({"fingerprint": fp_hash, "fingerprint_fields": fp, "partitions": num_partitions}, f, indent=1)
-        os.replace(manifest_file + ".tmp", manifest_file)
+        manifest = _write_manifest(manifest_file, {"fingerprint": fp_hash, "fingerprint_fields": fp,
+                                                   "partitions": num_partitions})
+        num_partitions = cfg.partitions  # whatever was asked, it is checked against the manifest below
+    else:
+        with open(manifest_file) as f:
+            manifest = json.load(f)
+    if manifest["fingerprint"] != fp_hash:
+        raise PreprocessArgumentError(
+            f"{parts_dir!r} holds an unfinished run with other inputs/settings "
+            f"(different: {_diff(manifest.get('fingerprint_fields', {}), fp)}); pass --overwrite to start "
+            "over, or rerun with the original arguments to resume it"
+        )
+    if num_partitions is not None and min(num_partitions, total) != manifest["partitions"]:
+        raise PreprocessArgumentError(
+            f"--partitions {num_partitions}: the unfinished run in {parts_dir!r} uses "
+            f"{manifest['partitions']} partitions; rerun with --partitions {manifest['partitions']} (or "
+            "without it) to resume, or pass --overwrite to start over"
+        )
+    num_partitions = int(manifest["partitions"])
 
     wanted = list(range(num_partitions))
     if cfg.partition_index is not None:
@@ -525,15 +651,26 @@ def run_preprocess(cfg: PreprocessConfig, *, log: Callable[[str], None] = print)
             )
         wanted = sorted(set(cfg.partition_index))
 
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     job = _Job(
         cfg=cfg,
         tokenizer=tokenizer,
         sources=sources,
-        source_starts=np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64),
+        image_folders=[
+            ImageFolder(cfg.image_folder if cfg.image_folder is not None else os.path.dirname(os.path.abspath(s.path)),
+                        allow_absolute=cfg.allow_absolute_image_paths,
+                        allow_symlinks_outside=cfg.allow_image_symlinks_outside, max_bytes=cfg.max_image_bytes)
+            for s in sources
+        ],
+        source_starts=starts,
         total_records=total,
         num_partitions=num_partitions,
         parts_dir=parts_dir,
+        parent_pid=os.getpid(),
     )
+    if cfg.partition_index is not None:
+        # Several nodes share the prefix: each locks the partitions it was given.
+        locks.take_partitions([(k, job.part_prefix(k)) for k in wanted if not os.path.exists(_done_path(job.part_prefix(k)))])
     done_parts = [k for k in wanted if os.path.exists(_done_path(job.part_prefix(k)))]
     pending = [k for k in wanted if k not in done_parts]
     pending_records = sum(job.partition_range(k)[1] - job.partition_range(k)[0] for k in pending)
@@ -567,14 +704,30 @@ def run_preprocess(cfg: PreprocessConfig, *, log: Callable[[str], None] = print)
             f"every record was skipped ({counts.skipped}); see {parts_dir}/*.skipped.jsonl for the reasons"
         )
     parts = [job.part_prefix(k) for k in range(num_partitions)]
+    duplicates = _find_duplicates(job, parts)
+    counts.duplicate_ids = len(duplicates.pairs)
+    keep: list[np.ndarray | None] = [None] * num_partitions
+    dedupe_lines: dict[int, list[str]] = {}
+    if cfg.dedupe_ids and duplicates.pairs:
+        keep, dedupe_lines = _apply_dedupe(job, parts, duplicates, counts)
     t_merge = time.monotonic()
+    stored = list(parts)
     if not cfg.no_merge:
-        merge_indexed(parts, prefix)
+        merge_indexed(parts, prefix, keep=keep)
+    else:
+        for k, mask in enumerate(keep):
+            if mask is not None:  # the unmerged output gets a filtered copy; the partition stays as it was
+                stored[k] = parts[k] + ".dedup"
+                merge_indexed([parts[k]], stored[k], keep=[mask])
     merge_seconds = time.monotonic() - t_merge
     with open(skip_report_path(prefix) + ".tmp", "w", encoding="utf-8") as out:
-        for p in parts:
-            with open(p + ".skipped.jsonl", encoding="utf-8") as f:
-                shutil.copyfileobj(f, out)
+        for k, p in enumerate(parts):
+            with open(p + _SKIPS, encoding="utf-8") as f:
+                if k in dedupe_lines:  # in input order with the partition's own skips
+                    lines = sorted(f.read().splitlines() + dedupe_lines[k], key=job.report_line_order)
+                    out.write("".join(line + "\n" for line in lines))
+                else:
+                    shutil.copyfileobj(f, out)
     os.replace(skip_report_path(prefix) + ".tmp", skip_report_path(prefix))
     meta = {
         "format": FORMAT_NAME,
@@ -595,13 +748,15 @@ def run_preprocess(cfg: PreprocessConfig, *, log: Callable[[str], None] = print)
         "seq_length": cfg.seq_length,
         "num_image_tokens": cfg.num_image_tokens,
         "counts": {**asdict(counts), "skipped_total": counts.num_skipped},
+        # kept samples that repeat an earlier sample's id (kept unless --dedupe-ids), a few of them
+        "duplicate_id_examples": duplicates.examples(job, dropped=cfg.dedupe_ids),
         "inputs": fp["inputs"],
         "image_folder": fp["image_folder"],
         "skip_report": os.path.abspath(skip_report_path(prefix)),
         "partitions": num_partitions,
         # --no-merge: the samples stay in the partition files, in this order (paths relative to
         # the prefix's folder); the reader concatenates them.
-        "parts": [os.path.relpath(p, os.path.dirname(os.path.abspath(prefix))) for p in parts] if cfg.no_merge else None,
+        "parts": [os.path.relpath(p, os.path.dirname(os.path.abspath(prefix))) for p in stored] if cfg.no_merge else None,
         "fingerprint": fp_hash,
         "fingerprint_fields": fp,
     }
@@ -612,9 +767,126 @@ def run_preprocess(cfg: PreprocessConfig, *, log: Callable[[str], None] = print)
         shutil.rmtree(parts_dir, ignore_errors=True)
     seconds = time.monotonic() - t0
     _print_summary(log, prefix, counts, seconds, process_seconds, pending_records, cfg.no_merge)
+    if duplicates.pairs:
+        _print_duplicates(log, job, duplicates, dropped=cfg.dedupe_ids)
     return PreprocessResult(output_prefix=prefix, complete=True, counts=counts, processed_partitions=pending,
                             reused_partitions=done_parts, seconds=seconds, process_seconds=process_seconds,
                             merge_seconds=merge_seconds, meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Duplicate ids (found across all partitions once they are done)
+
+
+@dataclass(kw_only=True)
+class _Duplicates:
+    """Stored samples whose id an earlier stored sample already has, in input order."""
+
+    records: np.ndarray  # global record index of every stored sample, in output order
+    part_starts: np.ndarray  # output position where each partition's samples start
+    pairs: list[tuple[int, int, str]]  # (output position, position of the first with that id, id)
+
+    def examples(self, job: _Job, *, dropped: bool, limit: int = 10) -> list[dict[str, str]]:
+        return [{"id": sid, "first": job.locate(int(self.records[first])), "again": job.locate(int(self.records[pos])),
+                 "dropped": dropped} for pos, first, sid in self.pairs[:limit]]
+
+
+def _find_duplicates(job: _Job, parts: list[str]) -> _Duplicates:
+    """Compare the id hashes the partitions recorded; read the ids back only where hashes repeat."""
+    from megatron_croc.data.indexed import read_summaries
+
+    tables = [np.load(p + _IDS) for p in parts]
+    lengths = np.asarray([len(t) for t in tables], dtype=np.int64)
+    part_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    table = np.concatenate(tables) if tables else np.zeros(0, _IDS_DTYPE)
+    _, inverse, group_sizes = np.unique(table["hash"], return_inverse=True, return_counts=True)
+    repeated = np.flatnonzero(group_sizes[inverse] > 1)  # ascending: input order
+    pairs: list[tuple[int, int, str]] = []
+    if len(repeated):
+        owner = np.searchsorted(part_starts, repeated, side="right") - 1
+        ids: dict[int, str] = {}
+        for k in np.unique(owner):
+            positions = repeated[owner == k]
+            for pos, summary in zip(positions, read_summaries(parts[k], positions - part_starts[k])):
+                ids[int(pos)] = summary.sample_id
+        first_of: dict[str, int] = {}
+        for pos in repeated:
+            sid = ids[int(pos)]
+            if sid in first_of:
+                pairs.append((int(pos), first_of[sid], sid))
+            else:
+                first_of[sid] = int(pos)
+    return _Duplicates(records=table["record"], part_starts=part_starts, pairs=pairs)
+
+
+def _apply_dedupe(job: _Job, parts: list[str], duplicates: _Duplicates,
+                  counts: PartitionCounts) -> tuple[list[np.ndarray | None], dict[int, list[str]]]:
+    """--dedupe-ids: which samples of each partition to keep, the skip-report lines of the dropped
+    ones (by partition), and the counts without them."""
+    from megatron_croc.data.indexed import read_summaries
+
+    keep: list[np.ndarray | None] = [None] * len(parts)
+    lines: dict[int, list[str]] = {}
+    by_part: dict[int, list[tuple[int, int, str]]] = {}
+    for pos, first, sid in duplicates.pairs:
+        k = int(np.searchsorted(duplicates.part_starts, pos, side="right")) - 1
+        by_part.setdefault(k, []).append((pos, first, sid))
+    for k, drops in by_part.items():
+        local = np.asarray([pos for pos, _, _ in drops]) - duplicates.part_starts[k]
+        n = (duplicates.part_starts[k + 1] if k + 1 < len(parts) else len(duplicates.records)) - duplicates.part_starts[k]
+        mask = np.ones(int(n), dtype=bool)
+        mask[local] = False
+        keep[k] = mask
+        for (pos, first, sid), summary in zip(drops, read_summaries(parts[k], local)):
+            counts.samples -= 1
+            counts.tokens -= summary.tokens
+            counts.supervised_tokens -= summary.supervised_tokens
+            if summary.has_image:
+                counts.with_image -= 1
+            else:
+                counts.text_only -= 1
+            record = int(duplicates.records[pos])
+            s_i = int(np.searchsorted(job.source_starts, record, side="right")) - 1
+            source = job.sources[s_i]
+            location = source.location(record - int(job.source_starts[s_i]))
+            lines.setdefault(k, []).append(_skip_line(
+                sid, source.path, location, SkipReason.DUPLICATE_ID.value,
+                f"the sample from {job.locate(int(duplicates.records[first]))} has the same id and is kept (--dedupe-ids)",
+            ))
+    counts.skipped = dict(sorted({**counts.skipped, SkipReason.DUPLICATE_ID.value: len(duplicates.pairs)}.items()))
+    counts.duplicate_ids = 0  # none is left in the output
+    counts.max_expanded_length = _max_expanded_length(parts, keep, job.cfg.num_image_tokens)
+    return keep, lines
+
+
+def _max_expanded_length(parts: list[str], keep: list[np.ndarray | None], num_image_tokens: int) -> int:
+    """The longest kept sample (with its image expanded), from the partitions' indexes alone."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    longest = 0
+    for part, mask in zip(parts, keep):
+        if os.path.getsize(part + ".bin") == 0:
+            continue
+        index = IndexedDataset(part, multimodal=True).index
+        docs = np.asarray(index.document_indices, dtype=np.int64)
+        lengths = np.asarray(index.sequence_lengths, dtype=np.int64)[docs[:-1]]
+        expanded = lengths + (docs[1:] - docs[:-1] == 4) * (num_image_tokens - 1)
+        if mask is not None:
+            expanded = expanded[mask]
+        if len(expanded):
+            longest = max(longest, int(expanded.max()))
+    return longest
+
+
+def _print_duplicates(log: Callable[[str], None], job: _Job, duplicates: _Duplicates, *, dropped: bool) -> None:
+    n = len(duplicates.pairs)
+    examples = ", ".join(f"{e['id']!r} at {e['first']} and {e['again']}" for e in duplicates.examples(job, dropped=dropped, limit=3))
+    if dropped:
+        log(f"dropped {n} samples whose id an earlier sample already has (--dedupe-ids; reason duplicate_id in "
+            f"the skip report), e.g. {examples}")
+    else:
+        log(f"warning: {n} samples repeat the id of an earlier sample and are kept (counts.duplicate_ids and "
+            f"duplicate_id_examples in the sidecar; --dedupe-ids drops them), e.g. {examples}")
 
 
 def _run_partitions(job: _Job, pending: list[int], pending_records: int, cfg: PreprocessConfig) -> None:
@@ -753,7 +1025,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LLaVA-format .json (array) or .jsonl (one record per line) files with 'id', 'image' and "
                    "'conversations'; several files are concatenated in the order given")
     g.add_argument("--image-folder", default=None,
-                   help="folder the records' 'image' paths are relative to (default: each input file's folder)")
+                   help="folder the records' 'image' paths are relative to (default: each input file's folder); "
+                   "a path that leads outside it is skipped (image_outside_folder) without being opened")
+    g.add_argument("--dedupe-ids", action="store_true",
+                   help="drop a sample whose id an earlier sample already has (reason duplicate_id in the skip "
+                   "report); without it such samples are kept and counted (counts.duplicate_ids in the sidecar)")
+    g.add_argument("--max-record-bytes", type=_positive_int, default=DEFAULT_MAX_RECORD_BYTES, metavar="N",
+                   help="skip (reason record_too_large) JSONL lines longer than this without reading them")
     g.add_argument("--prepend-missing-image-token", action="store_true",
                    help="for records with an 'image' but no <image> in the text, put the image at the start of "
                    "the first human turn instead of skipping them (reason no_image_token)")
@@ -778,6 +1056,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-storage", choices=STORAGES, default="pixels",
                    help="pixels: store uint8 RGB at --image-size (no decoding during training); encoded: keep the "
                    "original file bytes (smaller; decoded and transformed by the reader)")
+    g.add_argument("--max-image-bytes", type=_positive_int, default=DEFAULT_MAX_IMAGE_BYTES, metavar="N",
+                   help="skip (reason image_too_large) image files larger than this without reading them")
+    g.add_argument("--allow-absolute-image-paths", action="store_true",
+                   help="accept absolute 'image' paths in the records (default: skipped as image_outside_folder); "
+                   "only for records you trust: any regular file the run can read may then be stored")
+    g.add_argument("--allow-image-symlinks-outside", action="store_true",
+                   help="follow symlinks inside --image-folder that point outside it (e.g. to shared storage); "
+                   "default: skipped as image_outside_folder. '..' never leaves the folder")
     g.add_argument("--jpeg-draft", action="store_true",
                    help="let the JPEG decoder downscale by a power of two first (faster on large JPEGs; pixels "
                    "differ slightly from LLaVA's full-resolution decode)")
@@ -822,6 +1108,11 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         no_merge=args.no_merge,
         prepend_missing_image_token=args.prepend_missing_image_token,
         jpeg_draft=args.jpeg_draft,
+        max_image_bytes=args.max_image_bytes,
+        allow_absolute_image_paths=args.allow_absolute_image_paths,
+        allow_image_symlinks_outside=args.allow_image_symlinks_outside,
+        max_record_bytes=args.max_record_bytes,
+        dedupe_ids=args.dedupe_ids,
         overwrite=args.overwrite,
         progress_bar=not args.no_progress_bar,
     )

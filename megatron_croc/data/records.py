@@ -9,6 +9,7 @@ silently.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +32,44 @@ class Conversation:
     turns: list[Turn]
 
 
+# JSON may spell a lone UTF-16 surrogate ("\\ud800"); Python decodes it into a str that cannot be
+# encoded as UTF-8 (not tokenized, not stored), so such text is refused up front.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def record_id(record: Any) -> str | None:
+    """The id a record gives itself, printable and UTF-8-safe (lone surrogates escaped), or None."""
+    if not isinstance(record, dict):
+        return None
+    raw = record.get("id")
+    if raw is None or isinstance(raw, (dict, list)):
+        return None
+    text = str(raw)
+    if not text:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if _SURROGATE.search(text) else text
+
+
+def _check_text(text: str, what: str) -> None:
+    m = _SURROGATE.search(text)
+    if m:
+        raise SkipSample(
+            SkipReason.MALFORMED_SAMPLE,
+            f"{what} holds a lone UTF-16 surrogate \\u{ord(m.group()):04x} at character {m.start()} (a JSON "
+            "\\uXXXX escape without its pair): it is not valid Unicode text; fix the record",
+        )
+
+
 def parse_record(record: Any, *, fallback_id: str, prepend_missing_image_token: bool = False) -> Conversation:
     """Validate one decoded JSON record; raise ``SkipSample`` on anything we cannot train on."""
     if not isinstance(record, dict):
         raise SkipSample(SkipReason.MALFORMED_SAMPLE, f"record is a {type(record).__name__}, not an object")
     raw_id = record.get("id")
-    sample_id = str(raw_id) if raw_id is not None and str(raw_id) != "" else fallback_id
+    if isinstance(raw_id, (dict, list)):
+        raise SkipSample(SkipReason.MALFORMED_SAMPLE, f"'id' must be a string or a number, got a {type(raw_id).__name__}")
+    if raw_id is not None:
+        _check_text(str(raw_id), "'id'")
+    sample_id = record_id(record) or fallback_id
 
     image = record.get("image")
     if isinstance(image, list):  # some LLaVA variants wrap the single image in a list
@@ -45,6 +78,8 @@ def parse_record(record: Any, *, fallback_id: str, prepend_missing_image_token: 
         image = image[0] if image else None
     if image is not None and not (isinstance(image, str) and image.strip()):
         raise SkipSample(SkipReason.MALFORMED_SAMPLE, f"'image' must be a non-empty path string, got {image!r}")
+    if image is not None:
+        _check_text(image, "'image'")
 
     convs = record.get("conversations")
     if not isinstance(convs, list) or not convs:
@@ -57,6 +92,7 @@ def parse_record(record: Any, *, fallback_id: str, prepend_missing_image_token: 
         role = _ROLES.get(str(turn.get("from", "")).lower())
         if role is None:
             raise SkipSample(SkipReason.MALFORMED_SAMPLE, f"turn {i} has unknown role {turn.get('from')!r}")
+        _check_text(turn["value"], f"turn {i} 'value'")
         roles.append(role)
         values.append(turn["value"])
 

@@ -110,6 +110,23 @@ class Template:
     def render(self, turns: Sequence[Turn], tokenizer: Tokenizer) -> Rendered:
         return render_pieces(self.pieces(turns), tokenizer, self)
 
+    def min_length(self, turns: Sequence[Turn], tokenizer: Tokenizer) -> int:
+        """A lower bound on ``len(render(turns, tokenizer).tokens)`` found without tokenizing
+        (:meth:`Tokenizer.min_tokens` per run of text, one per special token and image): lets a
+        record that cannot fit the sequence length be skipped before it costs anything."""
+        length, run = 0, []
+        for piece in self.pieces(turns) + [None]:
+            if isinstance(piece, Text):
+                run.append(piece.text)
+                continue
+            if run:
+                length += tokenizer.min_tokens("".join(run))
+                run = []
+            if piece is None or (isinstance(piece, Special) and piece.token == BOS and tokenizer.bos_id is None):
+                continue
+            length += 1
+        return length
+
     @staticmethod
     def _split_system(turns: Sequence[Turn], default: str | None) -> tuple[str | None, list[Turn]]:
         if turns and turns[0].role == "system":

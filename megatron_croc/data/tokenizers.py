@@ -72,6 +72,27 @@ class Tokenizer(ABC):
     @abstractmethod
     def _fingerprint_files(self) -> list[Path]: ...
 
+    @property
+    @abstractmethod
+    def max_chars_per_token(self) -> int | None:
+        """A guaranteed upper bound on the characters of normalized text one token covers, or None
+        when the tokenizer has none (an unknown token that swallows a whole run or word, a
+        pre-tokenizer that drops characters). Gives :meth:`min_tokens`."""
+
+    @abstractmethod
+    def normalized_length(self, text: str) -> int:
+        """Length of ``text`` after the tokenizer's normalizer (which may collapse or drop
+        characters), without tokenizing it."""
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on ``len(encode(text))``, without tokenizing: used to skip records that
+        cannot fit the sequence length in milliseconds instead of tokenizing megabytes. 0 when
+        the tokenizer gives no bound (see :attr:`max_chars_per_token`)."""
+        per_token = self.max_chars_per_token
+        if per_token is None or not text:
+            return 0
+        return -(-self.normalized_length(text) // per_token)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; the image placeholder decodes to ``<image>``."""
         out: list[str] = []
@@ -141,6 +162,13 @@ class SentencePieceTokenizer(Tokenizer):
         else:
             self._sp_cont = self._sp
         self._proto_type = "proto"
+        spec = model.normalizer_spec
+        self._normalizes = not (spec.name == "identity" and not spec.precompiled_charsmap
+                                and not spec.remove_extra_whitespaces)
+        piece_chars = [1 if p.type == p.BYTE else len(p.piece) for p in model.pieces
+                       if p.type in (p.NORMAL, p.USER_DEFINED, p.BYTE)]
+        # Without byte fallback SentencePiece turns a whole run of unknown characters into one <unk>.
+        self._max_chars = max(piece_chars, default=1) if model.trainer_spec.byte_fallback else None
         pad = self._sp.pad_id()
         # Llama-2 has no pad piece; LLaVA pads with <unk> (id 0), which is always masked.
         self._pad = pad if pad >= 0 else max(self._sp.unk_id(), 0)
@@ -197,6 +225,13 @@ class SentencePieceTokenizer(Tokenizer):
     def _decode_real(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
 
+    @property
+    def max_chars_per_token(self) -> int | None:
+        return self._max_chars
+
+    def normalized_length(self, text: str) -> int:
+        return len(self._sp.normalize(text)) if self._normalizes else len(text)
+
     def token_to_id(self, token: str) -> int | None:
         i = self._sp.piece_to_id(token)
         if i == self._sp.unk_id() and token != self._sp.id_to_piece(i):
@@ -224,7 +259,7 @@ class HuggingFaceTokenizer(Tokenizer):
         from transformers import AutoTokenizer
 
         try:
-            self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except Exception as err:
             raise TokenizerError(f"cannot load a HuggingFace tokenizer from {str(folder)!r}: {err}") from err
         if not getattr(self._tok, "is_fast", False):
@@ -240,6 +275,8 @@ class HuggingFaceTokenizer(Tokenizer):
         pad = self._tok.pad_token_id
         # Llama-3 has no pad token; any valid id works since padding is always masked.
         self._pad = int(pad) if pad is not None else self._eos
+        self._max_chars = _hf_max_chars_per_token(self._tok)
+        self._normalizer = self._tok.backend_tokenizer.normalizer
 
     @property
     def vocab_size(self) -> int:
@@ -275,6 +312,13 @@ class HuggingFaceTokenizer(Tokenizer):
     def _decode_real(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
 
+    @property
+    def max_chars_per_token(self) -> int | None:
+        return self._max_chars
+
+    def normalized_length(self, text: str) -> int:
+        return len(self._normalizer.normalize_str(text)) if self._normalizer is not None else len(text)
+
     def token_to_id(self, token: str) -> int | None:
         i = self._tok.convert_tokens_to_ids(token)
         if i is None or (self._tok.unk_token_id is not None and i == self._tok.unk_token_id
@@ -286,6 +330,41 @@ class HuggingFaceTokenizer(Tokenizer):
         names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "added_tokens.json", "tokenizer.model")
         return [Path(self.path) / n for n in names if (Path(self.path) / n).is_file()]
+
+
+# Pre-tokenizers that keep every character (each lands in some token); others (Whitespace,
+# BertPreTokenizer, a Split that removes its matches) drop characters, so no bound holds.
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts", "Split", "Sequence"}
+
+
+def _hf_max_chars_per_token(tok: Any) -> int | None:
+    """Characters one token of a fast tokenizer can cover at most, or None (see
+    ``Tokenizer.max_chars_per_token``): bounded for byte-level BPE (Llama-3, Qwen: a token is a
+    fixed byte string) and BPE with byte fallback (Llama-2/Mistral conversions), as long as the
+    pre-tokenizer drops nothing."""
+    import json
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer")
+
+    def types(node: Any) -> list[dict]:
+        if not node:
+            return []
+        if node.get("type") == "Sequence":
+            return [node] + [t for child in node.get("pretokenizers", []) for t in types(child)]
+        return [node]
+
+    pre_types = types(pre)
+    if any(p.get("type") not in _KEEPING_PRE_TOKENIZERS or str(p.get("behavior", "")).lower() == "removed"
+           for p in pre_types):
+        return None
+    byte_level = any(p.get("type") == "ByteLevel" for p in pre_types)
+    if model.get("type") != "BPE" or not (byte_level or (model.get("byte_fallback") and not model.get("fuse_unk"))):
+        return None  # WordLevel/WordPiece/Unigram or BPE without fallback: <unk> covers a whole run
+    # A token string spells each byte (byte-level) or character as at least one character;
+    # byte-fallback tokens ("<0x41>") are longer than the one byte they cover.
+    lengths = [len(t) for t in tok.get_vocab()]
+    return max(lengths, default=1)
 
 
 # Megatron's --tokenizer-type names map onto the two implementations.

@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 
 VOCAB = 300  # pads to 384 at TP=1 and to 512 at TP=2: exercises both paddings
+# The reference LLaVA reads id VOCAB - 1 as <image>; our shipped LM head fixes that logit at -inf,
+# so logits are compared over the ids below it.
+TEXT_IDS = VOCAB - 1
 IMAGE_SIZE, PATCH = 32, 8
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2
 ROPE_THETA = 500000.0

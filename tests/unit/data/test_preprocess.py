@@ -94,7 +94,7 @@ def make_corrupt_set(root: Path) -> tuple[Path, Path, dict, dict]:
     path = root / "data.jsonl"
     write_jsonl(path, lines)
     expected_skips = {sid: reason for sid, (_, _, reason) in skipped.items()}
-    expected_skips["data.jsonl:6"] = "malformed_json"
+    expected_skips["broken"] = "malformed_json"  # not JSON, but its leading id is still read
     expected_skips["data.jsonl:13"] = "malformed_sample"
     expected_kept = {sid: (kept[sid][2], kept[sid][3]) for sid in order if sid in kept}
     return path, img, expected_kept, expected_skips

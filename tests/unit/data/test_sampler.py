@@ -86,3 +86,14 @@ def test_resumable_loader_counts_delivered_not_prefetched(tmp_path, packing):
     # In-place reload of the same loader also discards its prefetched batches.
     ref.load_state_dict(state)
     assert next(ref)["sample_ids"].tolist() == cont["sample_ids"].tolist()
+
+
+def test_loader_config_takes_megatron_data_path_as_written():
+    common = dict(seq_length=48, num_image_tokens=4, micro_batch_size=2, global_batch_size=8)
+    pairs = [(0.7, "data/a"), (0.3, "data/b")]
+    assert DataLoaderConfig(data_path=["0.7", "data/a", "0.3", "data/b"], **common).data_path == pairs
+    assert DataLoaderConfig(data_path="0.7 data/a 0.3 data/b", **common).data_path == pairs
+    assert DataLoaderConfig(data_path=pairs, **common).data_path == pairs
+    assert DataLoaderConfig(data_path=["data/a", "data/b"], **common).data_path == [(None, "data/a"), (None, "data/b")]
+    with pytest.raises(ValueError, match="weights must be positive"):
+        DataLoaderConfig(data_path=["0", "data/a"], **common)
