@@ -37,7 +37,6 @@ import os
 import shutil
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,12 +240,9 @@ def _feature_layers(llava_cfg, vision_cfg, where: str) -> int:
 
 
 def _init_model_parallel(tp: int, pp: int) -> None:
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron_croc.distributed import init_model_parallel
 
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    model_parallel_cuda_manual_seed(1234)  # the meta-device models draw nothing; any seed
+    init_model_parallel(tensor_parallel=tp, pipeline_parallel=pp)  # the meta-device models draw nothing
 
 
 def _joined_world(needed: int) -> bool:
@@ -279,7 +275,7 @@ def _ensure_single_process_world() -> None:
 
     init_platform(force_cpu=True)  # conversion is CPU work, also on a GPU node
     if not dist.is_initialized():
-        from megatron_croc.testing import free_port
+        from megatron_croc.distributed import free_port
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ["MASTER_PORT"] = str(free_port())
@@ -294,63 +290,23 @@ def _ensure_single_process_world() -> None:
         _init_model_parallel(1, 1)
 
 
-def _child(fn, rank: int, world_size: int, port: int, queue, payload) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    try:
-        fn(payload)
-        queue.put((rank, None))
-    except BaseException as e:  # report to the parent; it prints one clear message
-        import traceback
-
-        clear = isinstance(e, (ConvertError, ConfigError))
-        queue.put((rank, str(e) if clear else traceback.format_exc()))
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _spawn(fn, world_size: int, payload) -> None:
-    """Run ``fn(payload)`` in ``world_size`` fresh processes (a gloo world). Unlike a plain
-    queue wait, notices a rank that dies without a word (e.g. killed for memory)."""
-    import multiprocessing as mp
-    import queue as queue_mod
+    """Run ``fn(payload)`` in ``world_size`` fresh processes (a gloo world), each on its share of
+    the CPU; the first rank that fails or dies ends the others (distributed.spawn)."""
+    from megatron_croc.distributed import SpawnedRankError, spawn
 
-    from megatron_croc.testing import free_port
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, q, payload)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    done: set[int] = set()
-    error = None
     try:
-        while len(done) < world_size and error is None:
-            try:
-                rank, message = q.get(timeout=2.0)
-            except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in done and p.exitcode not in (None, 0)]
-                if dead:
-                    code = procs[dead[0]].exitcode
-                    hint = " (killed: out of memory? use more pipeline stages or --bf16)" if code in (-9, 137) else ""
-                    error = f"conversion rank {dead[0]} died with exit code {code}{hint}"
-                continue
-            done.add(rank)
-            if message is not None:
-                error = f"conversion rank {rank} failed: {message}"
-    finally:
-        for p in procs:
-            p.join(timeout=5 if error else 60)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    if error:
-        raise ConvertError(error)
+        spawn(_spawned_rank, world_size, timeout=24 * 3600, threads=max(1, (os.cpu_count() or 1) // world_size),
+              fn=fn, payload=payload)
+    except SpawnedRankError as err:
+        if isinstance(err.error, (ConvertError, ConfigError)):  # a clear message: no traceback
+            raise ConvertError(f"conversion rank {err.rank} failed: {err.error}") from None
+        hint = " use more pipeline stages or --bf16" if "(killed: out of memory?)" in str(err) else ""
+        raise ConvertError(f"conversion {err}{hint}") from None
+
+
+def _spawned_rank(*, rank: int, world_size: int, fn, payload) -> None:
+    fn(payload)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,16 +466,6 @@ class _ImportPlan:
     progress: bool
 
 
-def _fresh_tensor(name: str, shape: tuple[int, ...], config: ModelConfig, seed: int) -> torch.Tensor:
-    """A projector tensor initialised as megatron-core would (normal(0, std), the second linear
-    scaled by 1/sqrt(2 * num_layers) with num_layers = 1, zero biases), the same on every rank."""
-    if name.endswith(".bias"):
-        return torch.zeros(shape)
-    std = config.init_method_std / (math.sqrt(2.0) if "linear_fc2" in name else 1.0)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.randn(shape, generator=g) * std
-
-
 def _import_rank(plan: _ImportPlan) -> None:
     """One rank of the import: its meta stage, its chunks, computed from the HF tensors."""
     from megatron_croc.convert.streaming import build_meta_stage, save_streaming
@@ -531,7 +477,11 @@ def _import_rank(plan: _ImportPlan) -> None:
 
     def full_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name in plan.fresh:
-            return _fresh_tensor(name, shape, plan.config, plan.seed)
+            # what training from scratch with this --seed draws, at every layout
+            fresh = model.initial_value(name, seed=plan.seed)
+            if tuple(fresh.shape) != tuple(shape):
+                raise ConvertError(f"{name}: the initialised tensor is {tuple(fresh.shape)}, expected {tuple(shape)}")
+            return fresh
         return engine.to_megatron(name, inputs.get, shape)
 
     import torch.distributed as dist

@@ -33,7 +33,7 @@ from megatron_croc.config import (
 )
 from megatron_croc.models import specs
 from megatron_croc.models.attention import AttentionLayout
-from megatron_croc.models.initialization import initialize_parameters
+from megatron_croc.models.initialization import initial_value, initialize_parameters
 from megatron_croc.models.matching import PendingAssignment, assign_async, resolve_solver
 from megatron_croc.models.prompt_pool import PromptPool, draw_mask_positions
 from megatron_croc.models.vision import VisionTower
@@ -149,10 +149,18 @@ class CrocModel(MegatronModule):
         self._freeze_for_stage()
         # The same initial weights at every parallel layout, drawn from config.seed (the pool
         # draws its own from the same seed). A checkpoint load overwrites what it holds.
-        initialize_parameters(
-            self, seed=config.seed, self_initialised=(PromptPool,),
-            vocab_rows={key: config.language.vocab_size for key in VOCAB_KEYS},
-        )
+        initialize_parameters(self, seed=config.seed, **self._initialization)
+
+    @property
+    def _initialization(self) -> dict:
+        return dict(self_initialised=(PromptPool,),
+                    vocab_rows={key: self.model_config.language.vocab_size for key in VOCAB_KEYS})
+
+    def initial_value(self, name: str, *, seed: int | None = None):
+        """The full initial tensor of parameter ``name`` for ``seed`` (default: the config's),
+        the same at every layout; see models.initialization.initial_value."""
+        return initial_value(self, name, seed=self.model_config.seed if seed is None else seed,
+                             **self._initialization)
 
     # -- stage presets (SPEC §1.5) --------------------------------------------------------------
 

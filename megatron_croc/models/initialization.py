@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["initialize_parameters", "parameter_seed"]
+__all__ = ["initialize_parameters", "initial_value", "parameter_seed"]
 
 # Megatron-core's convention (attention.py, mlp.py): the layers writing back into the
 # residual stream use the scaled output initialisation.
@@ -57,6 +57,7 @@ def _pieces(model: torch.nn.Module) -> Iterator[tuple[str, object]]:
 
 def _draw_full(piece, seed: int, draw: Callable[[torch.Tensor], None], *, valid_rows: int | None,
                device: torch.device) -> torch.Tensor:
+    """The parameter's full (unsharded) tensor, fp32 on ``device``."""
     prepend = piece.prepend_axis_num
     full_shape = tuple(piece.global_shape[prepend:])
     layer = tuple(piece.global_offset[:prepend])
@@ -64,7 +65,11 @@ def _draw_full(piece, seed: int, draw: Callable[[torch.Tensor], None], *, valid_
     target = full if valid_rows is None or valid_rows >= full_shape[0] else full[:valid_rows]
     with _seeded(parameter_seed(seed, piece.key, layer), device):
         draw(target)
-    offsets = piece.global_offset[prepend:]
+    return full
+
+
+def _shard(full: torch.Tensor, piece) -> torch.Tensor:
+    offsets = piece.global_offset[piece.prepend_axis_num:]
     return full[tuple(slice(o, o + n) for o, n in zip(offsets, piece.local_shape))]
 
 
@@ -152,8 +157,8 @@ def initialize_parameters(model: torch.nn.Module, *, seed: int, vocab_rows: dict
                 with _seeded(parameter_seed(seed, piece.key, ()), target.device):
                     model.get_submodule(owner_name).reset_parameters()
             continue
-        values = _draw_full(piece, seed, rule, valid_rows=vocab_rows.get(piece.key), device=target.device)
-        target.copy_(values.to(target.dtype))
+        full = _draw_full(piece, seed, rule, valid_rows=vocab_rows.get(piece.key), device=target.device)
+        target.copy_(_shard(full, piece).to(target.dtype))
     missing = [n for i, n in params.items() if i not in covered]
     if missing:
         raise RuntimeError(f"parameters outside the sharded state dict were not initialised: {missing[:5]}")
@@ -164,3 +169,20 @@ def _owning_parameters(model: torch.nn.Module, name: str):
     owner = model.get_submodule(owner_name) if owner_name else model
     param = getattr(owner, leaf, None)
     return [param] if isinstance(param, torch.nn.Parameter) else []
+
+
+@torch.no_grad()
+def initial_value(model: torch.nn.Module, name: str, *, seed: int, vocab_rows: dict[str, int] | None = None,
+                  self_initialised: tuple[type, ...] = ()) -> torch.Tensor:
+    """The full (unsharded) fp32 CPU tensor that :func:`initialize_parameters` gives parameter
+    ``name`` at every layout, for code that needs one parameter without building the model's
+    weights (e.g. the converter, on a meta-device model, for a projector the HF source lacks).
+    Only for parameters drawn by a rule here (not the pool, not CLIP's torch-default stem)."""
+    for local, piece in _pieces(model):
+        if local != name:
+            continue
+        rule = _rule(model, name, self_initialised)
+        if rule is None or rule == "reset":
+            raise ValueError(f"{name!r} is initialised by its own module, not drawn here")
+        return _draw_full(piece, seed, rule, valid_rows=(vocab_rows or {}).get(piece.key), device=torch.device("cpu"))
+    raise KeyError(f"{name!r} is not a parameter of this model")

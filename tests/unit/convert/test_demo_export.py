@@ -36,9 +36,10 @@ def demo_checkpoint(tmp_path_factory, megatron_world):
     return demo, save
 
 
-def _megatron_greedy(ckpt, prompt_ids, image_id, image, pad_id):
+def _megatron_greedy(ckpt, prompt_ids, image_id, image, pad_id, eos_id):
     """The reference: argmax over the megatron model's logits, one token at a time (no cache),
-    in the inference setting (causal attention, no pool replacement)."""
+    in the inference setting (causal attention, no pool replacement), never ending the answer
+    (generate() below runs with min_new_tokens, which suppresses EOS the same way)."""
     import dataclasses
 
     from megatron_croc.config import CrocConfig, model_preset
@@ -61,7 +62,9 @@ def _megatron_greedy(ckpt, prompt_ids, image_id, image, pad_id):
         with torch.no_grad():
             logits = model(tokens=row.masked_fill(visual, pad_id), position_ids=torch.arange(n)[None], layout=layout,
                            visual_mask=visual, images=image[None], image_keys=torch.tensor([0]))
-        token = int(logits[0, -1, :640].argmax())  # the real vocabulary, not megatron's padding rows
+        scores = logits[0, -1, :640].clone()  # the real vocabulary, not megatron's padding rows
+        scores[eos_id] = float("-inf")
+        token = int(scores.argmax())
         new.append(token)
         ids.append(token)
     return new
@@ -106,6 +109,6 @@ def test_demo_checkpoint_exports_with_its_tokenizer_and_generates_as_megatron_do
         generated = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
     hf_tokens = generated[0, len(prompt_ids):].tolist()
     image = torch.from_numpy(pixels)
-    megatron_tokens = _megatron_greedy(ckpt, prompt_ids, image_id, image, ours.pad_id)
+    megatron_tokens = _megatron_greedy(ckpt, prompt_ids, image_id, image, ours.pad_id, ours.eos_id)
     assert hf_tokens == megatron_tokens, (ours.decode(hf_tokens), ours.decode(megatron_tokens))
     assert len(set(hf_tokens)) > 2  # a real continuation, not one token repeated

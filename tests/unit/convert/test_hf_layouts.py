@@ -19,11 +19,6 @@ PARTS = ("llm", "vision", "projector")
 
 
 @pytest.fixture(scope="module")
-def hf(tmp_path_factory):
-    return T.make_hf_models(tmp_path_factory.mktemp("hf"), with_processors=True)
-
-
-@pytest.fixture(scope="module")
 def reference(hf):
     return T.reference_llava(hf, image_token_index=T.VOCAB - 1)
 
