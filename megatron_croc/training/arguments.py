@@ -84,8 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layers", type=int, default=None, help="override the preset's number of LLM layers")
     g.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size (set automatically from the data's tokenizer)")
     g.add_argument("--unfreeze-vision", action="store_true", help="train the vision encoder too")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
-    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="activation recomputation: 'full' recomputes whole LLM layers in backward "
+                        "(see --recompute-method), 'selective' parts of each layer (--recompute-modules)")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="with --recompute-granularity full: 'uniform' recomputes every layer, in chunks of "
+                        "--recompute-num-layers; 'block' only the first --recompute-num-layers layers of "
+                        "each pipeline stage (less recomputation, more memory)")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="with --recompute-granularity full: layers per chunk (uniform) or per pipeline "
+                        "stage (block); default 1")
+    g.add_argument("--recompute-modules", nargs="+", default=None, metavar="MODULE",
+                   help="with --recompute-granularity selective: what to recompute in every layer, from "
+                        "core_attn, mlp, layernorm (default: core_attn)")
 
     g = p.add_argument_group("croc")
     g.add_argument("--croc-stage", choices=["align", "croc", "instruct"], default="croc")
@@ -105,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
-    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split the LLM's norms, residuals and dropouts along the sequence over the "
+                        "tensor-parallel ranks (activations / TP there); with or without TransformerEngine")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
     g.add_argument("--bf16", action="store_true")
@@ -214,7 +227,10 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
         apply_rope_fusion=args.apply_rope_fusion,
         gradient_accumulation_fusion=args.gradient_accumulation_fusion,
         recompute_granularity=args.recompute_granularity,
-        recompute_num_layers=args.recompute_num_layers,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=(1 if args.recompute_num_layers is None and args.recompute_granularity == "full"
+                              else args.recompute_num_layers),
+        recompute_modules=tuple(args.recompute_modules) if args.recompute_modules is not None else None,
     )
     lr = pick("lr")
     optim = OptimConfig(
