@@ -186,7 +186,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = _CPU
         if func is torch.Tensor.cuda:
-            return args[0].to(_CPU) if not kwargs.get("non_blocking") else args[0]
+            # a module built on the meta device (the memory report) keeps its buffers there
+            return args[0].to(_CPU) if not (kwargs.get("non_blocking") or args[0].is_meta) else args[0]
         if func is torch.Tensor.to and len(args) > 1:
             args = tuple(_CPU if _is_cuda_device(a) else a for a in args)
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:

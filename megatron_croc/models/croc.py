@@ -178,6 +178,7 @@ class CrocModel(MegatronModule):
         if isinstance(input_tensor, (list, tuple)):
             assert len(input_tensor) == 1, "CrocModel takes one input tensor per stage"
             input_tensor = input_tensor[0]
+        self._passthrough = None
         if input_tensor is not None and self.carries_targets:
             half = input_tensor.shape[0] // 2
             self._passthrough = input_tensor[half:]

@@ -20,6 +20,7 @@ from megatron_croc.config import (
     padded_sequence_length,
 )
 from megatron_croc.training.checkpoint import CheckpointConfig
+from megatron_croc.training.memory import MemoryReportConfig
 from megatron_croc.training.optim import OptimConfig
 
 # The embedded default: a tiny Croc model on the bundled demo data, sized for 2 CPU cores.
@@ -56,6 +57,8 @@ class TrainConfig:
     exit_after_iteration: int | None = None  # for tests of kill-and-resume
     # What parse_args adjusted and why (e.g. the sequence length padded for FP8), printed at start.
     notes: tuple[str, ...] = ()
+    # --dry-run: print the memory report (training.memory) instead of training.
+    memory_report: MemoryReportConfig | None = None
 
 
 def _data_path(values: Sequence[str] | None, flag: str) -> tuple[tuple[float | None, str], ...]:
@@ -166,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--tensorboard-dir", default=None)
+
+    g = p.add_argument_group("memory report")
+    g.add_argument("--dry-run", action="store_true",
+                   help="build the model on the meta device (no weights allocated, no GPU needed) and print "
+                        "the memory each GPU needs: parameters, gradients, optimizer state with and without "
+                        "the distributed optimizer, activations with and without recomputation and sequence "
+                        "parallelism, and this run's total against --gpu-memory-gb; then exit")
+    g.add_argument("--dry-run-world-size", type=int, default=None, metavar="N",
+                   help="with --dry-run: the number of GPUs of the planned run (default: WORLD_SIZE when "
+                        "launched by torchrun, else TP x PP)")
+    g.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                   help="with --dry-run: the memory of one GPU in GiB (80 for an 80 GB A100/H100)")
     return p
 
 
@@ -244,6 +259,12 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
         raise ConfigError(f"--min-lr {args.min_lr} is larger than --lr {lr}")
     par = model.parallel
     model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+    memory_report = None
+    if args.dry_run:
+        world_size = args.dry_run_world_size or (world_size if world_size > 1 else model_parallel)
+        memory_report = MemoryReportConfig(world_size=world_size, gpu_memory_gb=args.gpu_memory_gb)
+    elif args.dry_run_world_size is not None:
+        raise ConfigError("--dry-run-world-size applies to --dry-run")
     if world_size % model_parallel:
         raise ConfigError(
             f"{world_size} processes cannot be split into tensor x pipeline = {model_parallel}-process "
@@ -277,4 +298,5 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
         overlap_grad_reduce=args.overlap_grad_reduce,
         exit_after_iteration=args.exit_after_iteration,
         notes=tuple(n for n in (seq_note,) if n),
+        memory_report=memory_report,
     )

@@ -384,6 +384,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if config.memory_report is not None:  # --dry-run: the memory report instead of training
+        if int(os.environ.get("RANK", "0")) == 0:
+            from megatron_croc.training.memory import dry_run
+
+            print(dry_run(config).format(), flush=True)
+        return 0
     try:
         summary = train(config)
     except (ConfigError, TrainingError) as err:

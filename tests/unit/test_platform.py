@@ -23,6 +23,8 @@ def probe_cuda_allocations_on_cpu():
     assert t.device.type == "cpu"
     # pipeline schedules/optimizer allocate with a literal device="cuda"
     assert torch.zeros(1, device="cuda").device.type == "cpu"
+    # CLIPViTModel's .cuda() buffer: on the CPU, except in a model built on the meta device
+    assert torch.zeros(1).cuda().device.type == "cpu" and torch.zeros(1, device="meta").cuda().is_meta
     # DistributedOptimizer only wraps parameters whose type() is a CUDA type name
     assert torch.nn.Parameter(torch.zeros(1)).type() == "torch.cuda.FloatTensor"
     # backward functions allocate on the current device too (sequence parallelism's
