@@ -47,16 +47,6 @@ def _model_config(args, recompute: str):
     return build_model_config(args).replace(**RECOMPUTE[recompute])
 
 
-def _live_tensor_bytes() -> int:
-    gc.collect()
-    storages: dict[int, int] = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not obj.is_meta:
-            storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
-    return sum(storages.values())
-
-
 def _rss() -> int:
     import psutil
 
@@ -64,7 +54,9 @@ def _rss() -> int:
 
 
 def _allocated(device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else _live_tensor_bytes()
+    from megatron_croc.testing import live_tensor_bytes
+
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else live_tensor_bytes()
 
 
 def _measure_worker(rank, world_size, args):

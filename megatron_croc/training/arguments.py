@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "stage (block); default 1")
     g.add_argument("--recompute-modules", nargs="+", default=None, metavar="MODULE",
                    help="with --recompute-granularity selective: what to recompute in every layer, from "
-                        "core_attn, mlp, layernorm (default: core_attn)")
+                        "core_attn, mlp (default: core_attn)")
 
     g = p.add_argument_group("croc")
     g.add_argument("--croc-stage", choices=["align", "croc", "instruct"], default="croc")

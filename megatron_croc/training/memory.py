@@ -438,7 +438,11 @@ def build_report(shape: RunShape) -> MemoryReport:
 def dry_run(config) -> MemoryReport:
     """``--dry-run``: the report for a parsed training config, its vocabulary sized as training
     sizes it where that is known without building data (the demo's tokenizer, when its data
-    exists)."""
+    exists). The layout is checked as training checks it, for the machine the run is planned
+    for (TE and apex assumed there), not this one."""
+    from megatron_croc.config import validate
+
+    validate(config.model, has_te=True, has_apex=True)
     if config.data.demo:
         from megatron_croc.data.indexed import read_meta
         from megatron_croc.training.arguments import DEMO_DATA_DIR

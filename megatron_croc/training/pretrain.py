@@ -388,7 +388,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             from megatron_croc.training.memory import dry_run
 
-            print(dry_run(config).format(), flush=True)
+            try:
+                print(dry_run(config).format(), flush=True)
+            except ConfigError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
         return 0
     try:
         summary = train(config)

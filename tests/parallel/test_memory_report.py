@@ -13,16 +13,14 @@ factor of 1.5-4.
 
 from __future__ import annotations
 
-import gc
 import os
 import subprocess
 import sys
 import time
 
 import pytest
-import torch
 
-from megatron_croc.testing import run_distributed, synthetic_batch
+from megatron_croc.testing import live_tensor_bytes, run_distributed, synthetic_batch
 
 pytestmark = pytest.mark.parallel
 
@@ -42,17 +40,6 @@ WORLD = 2
 def _argv(extra):
     return ["--data-path", "unused", "--train-iters", "1", "--seq-length", str(SEQ), "--micro-batch-size", "2",
             "--global-batch-size", "8", "--num-layers", "4", *extra]
-
-
-def _live_tensor_bytes() -> int:
-    """Bytes of every tensor storage alive in this process (each storage counted once)."""
-    gc.collect()
-    storages: dict[int, int] = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not obj.is_meta:
-            storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
-    return sum(storages.values())
 
 
 def _measure_worker(rank, world_size):
@@ -87,11 +74,11 @@ def _measure(config, platform):
                                 seq_length=SEQ, rows=[[dict(prompt=3, image=True, question=2, answer=6)]] * 2, seed=i)
         batch["image_sample_ids"] = batch.pop("image_keys")
         batches.append(batch)
-    start = _live_tensor_bytes()
+    start = live_tensor_bytes()
     chunks = build_model_chunks(config.model, platform)
-    built = _live_tensor_bytes()
+    built = live_tensor_bytes()
     ddp = wrap_ddp(chunks, config)
-    wrapped = _live_tensor_bytes()
+    wrapped = live_tensor_bytes()
     optimizer = build_optimizer(config.optim, ddp, bf16=config.model.precision.bf16)
     tc = get_model_config(ddp[0])
     tc.no_sync_func = ddp[0].no_sync
@@ -107,7 +94,7 @@ def _measure(config, platform):
     assert update_ok
     for chunk in chunks:  # the last micro-batch's received activations: not optimizer state
         unwrap_model(chunk).set_input_tensor(None)
-    stepped = _live_tensor_bytes()
+    stepped = live_tensor_bytes()
     return dict(stage=ps.get_pipeline_model_parallel_rank(), weights=built - start, grads=wrapped - built,
                 optimizer=stepped - wrapped)
 

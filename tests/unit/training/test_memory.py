@@ -115,3 +115,11 @@ def test_report_table_names_every_stage_and_choice():
 def test_report_needs_a_process_without_a_process_group(megatron_world):
     with pytest.raises(RuntimeError, match="without torch.distributed initialised"):
         stage_params(_shape())
+
+
+def test_dry_run_checks_the_layout_like_training(capsys):
+    from megatron_croc.training.pretrain import main
+
+    assert main(["--dry-run", "--model", "vicuna-7b", "--data-path", "x", "--train-iters", "1",
+                 "--tensor-model-parallel-size", "3"]) == 2
+    assert "error: --tensor-model-parallel-size 3 does not divide" in capsys.readouterr().err
