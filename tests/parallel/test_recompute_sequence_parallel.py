@@ -109,18 +109,22 @@ def _step(tp, pp, extra, weights):
 
 
 def _worker(rank, world_size, tp, pp, variants):
-    """The reference at TP=1 (same PP), then each variant at TP x PP from its weights."""
+    """The reference at TP=1 (same PP), then each variant at TP x PP from its weights.
+    Gradients go back as numpy arrays: tensors would travel as shared-memory handles that the
+    parent can only open while this process is still alive."""
     ref_losses, weights, ref_grads = _step(1, pp, [], None)
     results = {"reference": (ref_losses, ref_grads)}
     for name, extra in variants.items():
         losses, _, grads = _step(tp, pp, extra, weights)
         results[name] = (losses, grads)
-    return results
+    return {name: (losses, {k: g.numpy() for k, g in grads.items()}) for name, (losses, grads) in results.items()}
 
 
 def _differences(got, want, *, exact):
     """Human-readable differences between two (losses, grads) results."""
     (losses, grads), (ref_losses, ref_grads) = got, want
+    grads = {k: torch.from_numpy(g) for k, g in grads.items()}
+    ref_grads = {k: torch.from_numpy(g) for k, g in ref_grads.items()}
     out = []
     if len(losses) != len(ref_losses):
         return [f"{len(losses)} micro-batch losses, expected {len(ref_losses)}"]
@@ -146,7 +150,7 @@ def _check(results, *, baselines):
     problems = []
     for rank, per_rank in enumerate(results):
         losses, grads = per_rank["reference"]
-        assert len(grads) > 10 and all(torch.isfinite(g).all() for g in grads.values())
+        assert len(grads) > 10 and all(torch.isfinite(torch.from_numpy(g)).all() for g in grads.values())
         for name, (baseline, exact) in baselines.items():
             problems += [f"rank {rank} {name} vs {baseline}: {p}"
                          for p in _differences(per_rank[name], per_rank[baseline], exact=exact)]
