@@ -141,8 +141,15 @@ class ModelConfig:
     # Kernel options that need TransformerEngine or apex; refused without them.
     apply_rope_fusion: bool = False
     gradient_accumulation_fusion: bool = False
+    # Activation recomputation, as Megatron's --recompute-* flags (validate() checks the
+    # combination): "selective" recomputes parts of every layer (recompute_modules; megatron-core's
+    # default: core attention); "full" recomputes whole layers, either in chunks of
+    # recompute_num_layers ("uniform") or only the first recompute_num_layers of each
+    # (virtual) pipeline stage ("block").
     recompute_granularity: Literal["full", "selective"] | None = None
-    recompute_num_layers: int = 1
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = None
+    recompute_modules: tuple[str, ...] | None = None
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
     # Seeds the initial weights, which are the same at every parallel layout (models.initialization).
@@ -230,7 +237,6 @@ def model_preset(name: str, **overrides: object) -> ModelConfig:
 def validate(config: ModelConfig, *, has_te: bool, has_apex: bool) -> None:
     """Refuse, at argument time, what cannot work on this machine or with these sizes."""
     needs_te = {
-        "--sequence-parallel": config.parallel.sequence_parallel,
         "--fp8-format": config.precision.fp8_format is not None,
         "--apply-rope-fusion": config.apply_rope_fusion,
     }
@@ -245,6 +251,7 @@ def validate(config: ModelConfig, *, has_te: bool, has_apex: bool) -> None:
             "--gradient-accumulation-fusion needs apex or TransformerEngine on a CUDA GPU; "
             "drop the flag on this machine."
         )
+    _validate_recompute(config)
     lm, tp, pp = config.language, config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size
     vp = config.parallel.virtual_pipeline_model_parallel_size or 1
     for what, value in (
@@ -279,6 +286,52 @@ def validate(config: ModelConfig, *, has_te: bool, has_apex: bool) -> None:
             )
         if n_masked == 0:
             raise ConfigError(f"--croc-mask-ratio {croc.mask_ratio} selects no visual token")
+
+
+# What --recompute-modules may name for our dense Llama layer (megatron-core's names; its MoE
+# and MLA modules do not apply). Not "layernorm": with TE's specs the norms are fused into the
+# next linear layer (nothing to recompute), and without TE megatron-core 0.19.2's
+# CheckpointWithoutOutput, which it uses for them, reads TE's FP8 state unconditionally and fails.
+RECOMPUTE_MODULES = ("core_attn", "mlp")
+
+
+def _validate_recompute(config: ModelConfig) -> None:
+    """Megatron's rules for the --recompute-* flags, as clear errors (megatron-core would
+    otherwise stop with an assertion deep in TransformerConfig)."""
+    granularity, method = config.recompute_granularity, config.recompute_method
+    num_layers, modules = config.recompute_num_layers, config.recompute_modules
+    if granularity is None:
+        given = [flag for flag, value in (("--recompute-method", method), ("--recompute-num-layers", num_layers),
+                                          ("--recompute-modules", modules)) if value is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} only apply with --recompute-granularity; add "
+                              "--recompute-granularity full (with --recompute-method) or selective")
+        return
+    if granularity == "selective":
+        if method is not None or num_layers is not None:
+            raise ConfigError(
+                "--recompute-method and --recompute-num-layers apply to --recompute-granularity full; "
+                "selective recomputation recomputes --recompute-modules (default core_attn) in every layer"
+            )
+        unknown = sorted(set(modules or ()) - set(RECOMPUTE_MODULES))
+        if unknown or modules == ():
+            why = (" (layernorm: TE fuses the norms into the next linear layer, and without TE "
+                   "megatron-core 0.19.2 fails on it)" if "layernorm" in unknown else "")
+            raise ConfigError(f"--recompute-modules {' '.join(modules)}: choose one or more of "
+                              f"{', '.join(RECOMPUTE_MODULES)}{why}")
+        return
+    if modules is not None:
+        raise ConfigError("--recompute-modules applies to --recompute-granularity selective; "
+                          "full recomputes whole layers")
+    if method not in ("uniform", "block"):
+        raise ConfigError(
+            "--recompute-granularity full needs --recompute-method uniform (recompute the layers in chunks "
+            "of --recompute-num-layers) or block (recompute only the first --recompute-num-layers layers "
+            "of each pipeline stage)"
+        )
+    if num_layers is None or num_layers < 1:
+        raise ConfigError(f"--recompute-num-layers must be at least 1 with --recompute-granularity full, "
+                          f"got {num_layers}")
 
 
 # The tokens dimension of an FP8 GEMM must be a multiple of the recipe's block: 16 for per-tensor
@@ -362,8 +415,13 @@ def _common_transformer_kwargs(config: ModelConfig) -> dict[str, object]:
         apply_rope_fusion=config.apply_rope_fusion,
         gradient_accumulation_fusion=config.gradient_accumulation_fusion,
         recompute_granularity=config.recompute_granularity,
-        recompute_method="uniform" if config.recompute_granularity == "full" else None,
-        recompute_num_layers=config.recompute_num_layers if config.recompute_granularity == "full" else None,
+        recompute_method=config.recompute_method,
+        recompute_num_layers=config.recompute_num_layers,
+        recompute_modules=list(config.recompute_modules) if config.recompute_modules else None,
+        # As Megatron-LM sets it: a pipeline stage frees the data of the activations it sent
+        # once they are sent (the next stage has them; backward needs only their graph), one
+        # activation-sized tensor per micro-batch in flight less.
+        deallocate_pipeline_outputs=True,
     )
 
 
@@ -393,7 +451,9 @@ def language_transformer_config(config: ModelConfig):
 def vision_transformer_config(config: ModelConfig):
     """megatron-core TransformerConfig for CLIP ViT (LayerNorm, quick-GELU, biases).
 
-    Pipeline sizes are 1: the encoder lives whole on the first pipeline stage.
+    Pipeline sizes are 1: the encoder lives whole on the first pipeline stage. Never
+    sequence-parallel: its sequence is an image's patches, and its output is spliced into the
+    LLM's embeddings, which are scattered to the sequence-parallel ranks after the splice.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -402,9 +462,11 @@ def vision_transformer_config(config: ModelConfig):
     kwargs.update(
         pipeline_model_parallel_size=1,
         virtual_pipeline_model_parallel_size=None,
+        sequence_parallel=False,
         recompute_granularity=None,
         recompute_method=None,
         recompute_num_layers=None,
+        recompute_modules=None,
         # The encoder is frozen by default and small next to the LLM: FP8 buys little.
         fp8=None,
     )
@@ -427,14 +489,17 @@ def vision_transformer_config(config: ModelConfig):
 
 
 def projector_transformer_config(config: ModelConfig):
-    """Config for the mlp2x_gelu projector (Linear(vision->H), GELU, Linear(H->H))."""
+    """Config for the mlp2x_gelu projector (Linear(vision->H), GELU, Linear(H->H)); not
+    sequence-parallel, as the encoder (its input is [images, tokens, C], not a sequence)."""
     import torch
+
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     lm = config.language
     kwargs = _common_transformer_kwargs(config)
     kwargs.update(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
-                  recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
+                  sequence_parallel=False, recompute_granularity=None, recompute_method=None,
+                  recompute_num_layers=None, recompute_modules=None)
     return TransformerConfig(
         num_layers=1,
         hidden_size=lm.hidden_size,

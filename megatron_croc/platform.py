@@ -173,14 +173,21 @@ class _CudaToCpuMode(TorchFunctionMode):
     function mode catches all of them at one place instead of patching each call site. It
     also answers ``Tensor.type()`` with the CUDA type name, because DistributedOptimizer
     accepts only ``torch.cuda.*Tensor`` parameters.
+
+    Backward functions allocate on ``torch.cuda.current_device()`` too (sequence
+    parallelism's reduce-scatter and all-gather buffers), so the mode must stay on inside
+    backward passes — see :func:`_backward_keeping_mode`.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.autograd.backward or func is torch.Tensor.backward:
+            return _backward_keeping_mode(self, func, args, kwargs or {})
         kwargs = dict(kwargs or {})
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = _CPU
         if func is torch.Tensor.cuda:
-            return args[0].to(_CPU) if not kwargs.get("non_blocking") else args[0]
+            # a module built on the meta device (the memory report) keeps its buffers there
+            return args[0].to(_CPU) if not (kwargs.get("non_blocking") or args[0].is_meta) else args[0]
         if func is torch.Tensor.to and len(args) > 1:
             args = tuple(_CPU if _is_cuda_device(a) else a for a in args)
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
@@ -188,6 +195,37 @@ class _CudaToCpuMode(TorchFunctionMode):
             if name is not None:
                 return name
         return func(*args, **kwargs)
+
+
+def _backward_keeping_mode(mode: TorchFunctionMode, func, args, kwargs):
+    """Run ``torch.autograd.backward`` / ``Tensor.backward`` with ``mode`` on.
+
+    torch dispatches both through function modes, and a mode is off while its own handler runs:
+    calling ``func`` from the handler would run every backward function without the mode (and
+    megatron-core's recomputation calls ``torch.autograd.backward`` inside backward). Calling
+    the autograd engine directly, as ``torch.autograd.backward`` does after its dispatch check
+    (and as megatron-core's own ``custom_backward`` does), with the mode pushed back, keeps it on.
+    The arguments are normalised by torch's own helpers, so the semantics are torch's.
+    """
+    import inspect
+
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    given = bound.arguments
+    tensors = given["self"] if func is torch.Tensor.backward else given["tensors"]
+    grads = given["gradient"] if func is torch.Tensor.backward else given["grad_tensors"]
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    inputs = given["inputs"]
+    inputs = () if inputs is None else (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    create_graph = given["create_graph"]
+    retain_graph = create_graph if given["retain_graph"] is None else given["retain_graph"]
+    with mode:
+        grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grads, len(tensors)), is_grads_batched=False)
+        _engine_run_backward(tensors, grads, retain_graph, create_graph, inputs, allow_unreachable=True,
+                             accumulate_grad=True)
 
 
 _MODE: _CudaToCpuMode | None = None

@@ -24,6 +24,20 @@ def run_distributed(worker: Callable[..., Any], world_size: int, *, timeout: flo
     return spawn(worker, world_size, timeout=timeout, **kwargs)
 
 
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage alive in this process, each storage counted once: what a
+    run has allocated in tensors, measured (the memory report's checks compare against it)."""
+    import gc
+
+    gc.collect()
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(storages.values())
+
+
 def init_distributed(*, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                      virtual_pipeline_parallel: int | None = None, seed: int = 1234) -> None:
     """Process group (gloo on CPU, NCCL on GPU) and megatron-core's parallel state, for a

@@ -3,8 +3,10 @@ not) and the core-attention module that runs them.
 
 The layout of a micro-batch is described once, from the batch alone (``segment_ids``,
 ``visual_mask``, ``loss_mask``), by :func:`build_attention_layout`, and handed to every layer
-as megatron-core's ``attention_mask`` argument — so every pipeline stage can build it without
-communication, and the FlexAttention block mask is built once per micro-batch, not per layer.
+as megatron-core's ``attention_mask`` argument (as :meth:`AttentionLayout.as_attention_mask`,
+a tensor that carries it; see :class:`LayoutHandle`) — so every pipeline stage can build it
+without communication, and the FlexAttention block mask is built once per micro-batch, not per
+layer, nor again when activation recomputation reruns a layer's forward.
 
 Visibility rule (SPEC §1.3), for a query q and key k of the same packed sample (segment):
 
@@ -50,6 +52,13 @@ class AttentionLayout:
     plain_causal: bool  # causal, no padding, no packing: fused is_causal kernels apply
     _dense: Optional[torch.Tensor] = field(default=None, repr=False)
     _block_mask: object = field(default=None, repr=False)
+    _handle: Optional["LayoutHandle"] = field(default=None, repr=False)
+
+    def as_attention_mask(self) -> "LayoutHandle":
+        """This layout as megatron-core's ``attention_mask`` argument (one handle per layout)."""
+        if self._handle is None:
+            self._handle = LayoutHandle.wrap(self)
+        return self._handle
 
     def dense_mask(self) -> torch.Tensor:
         """Boolean [B, 1, S, S], True where the query may attend to the key."""
@@ -61,6 +70,58 @@ class AttentionLayout:
         if self._block_mask is None:
             self._block_mask = _build_block_mask(self)
         return self._block_mask
+
+
+class LayoutHandle(torch.Tensor):
+    """An :class:`AttentionLayout` in megatron-core's ``attention_mask`` slot: a zero-element
+    tensor that carries the layout object.
+
+    Why a tensor: megatron-core's activation recomputation (``tensor_parallel.checkpoint``,
+    used by ``--recompute-granularity full`` for whole layers and by ``selective`` for core
+    attention) passes ``attention_mask`` positionally through ``save_for_backward``, which takes
+    tensors only, and hands the recomputed forward ``detach()``-ed copies of what it saved. The
+    handle is saved like any tensor (zero bytes), and its ``detach()`` keeps the layout, so the
+    recomputed forward sees the very same layout object — with its dense mask or FlexAttention
+    block mask already built — and each micro-batch in flight in a pipeline schedule keeps its
+    own layout until its backward. A module attribute or a global "current layout" could not do
+    that: 1F1B runs later micro-batches' forwards before earlier ones' backwards.
+
+    Every other operation on a handle gives a plain tensor; only :func:`layout_of` reads it.
+    """
+
+    attention_layout: AttentionLayout
+
+    @staticmethod
+    def wrap(layout: AttentionLayout, data: torch.Tensor | None = None) -> "LayoutHandle":
+        if data is None:
+            data = torch.empty(0, dtype=torch.bool, device=layout.segment_ids.device)
+        handle = torch.Tensor._make_subclass(LayoutHandle, data)
+        handle.attention_layout = layout
+        return handle
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.detach:  # what recomputation does to its saved inputs
+            return LayoutHandle.wrap(args[0].attention_layout, out)
+        return out
+
+    def __repr__(self) -> str:
+        return f"LayoutHandle({self.attention_layout!r})"
+
+
+def layout_of(attention_mask) -> AttentionLayout | None:
+    """The layout that megatron-core handed a layer as ``attention_mask``: a
+    :class:`LayoutHandle`, or None for layers whose mask type says it all."""
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, LayoutHandle):
+        return attention_mask.attention_layout
+    raise TypeError(
+        "CrocCoreAttention expects attention_mask to be AttentionLayout.as_attention_mask() or None, "
+        f"got {type(attention_mask).__name__}"
+    )
 
 
 def build_attention_layout(
@@ -242,9 +303,9 @@ class CrocCoreAttention(MegatronModule):
     runs the micro-batch's :class:`AttentionLayout` with fused kernels.
 
     megatron-core calls it with query [sq, b, heads, d] and key/value [sk, b, groups, d]
-    (this rank's heads) and expects [sq, b, heads * d]. ``attention_mask`` is the layout, or
-    None for layers whose mask type says it all (causal LLM without a layout, bidirectional
-    ViT and VTR-head layers).
+    (this rank's heads) and expects [sq, b, heads * d]. ``attention_mask`` is the layout's
+    :class:`LayoutHandle`, or None for layers whose mask type says it all (causal LLM without a
+    layout, bidirectional ViT and VTR-head layers).
     """
 
     def __init__(
@@ -282,11 +343,7 @@ class CrocCoreAttention(MegatronModule):
                 "attention_bias/packed_seq_params"
             )
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        layout = attention_mask if isinstance(attention_mask, AttentionLayout) else None
-        if attention_mask is not None and layout is None:
-            raise TypeError(
-                f"CrocCoreAttention expects an AttentionLayout or None, got {type(attention_mask)}"
-            )
+        layout = layout_of(attention_mask)
         sq, bsz, heads, dim = query.shape
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))

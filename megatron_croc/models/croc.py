@@ -16,6 +16,7 @@ interleaved schedules alike, and text-only micro-batches cannot hang any stage.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -70,9 +71,16 @@ def pipeline_tensor_seq_length(config: ModelConfig, seq_length: int) -> int:
 
 class VTRHead(MegatronModule):
     """Visual token reconstruction: learned position embedding over an image's T positions,
-    one bidirectional transformer layer, Linear H->H (SPEC §1.4)."""
+    one bidirectional transformer layer, Linear H->H (SPEC §1.4).
+
+    It reads the visual positions of the whole (gathered) sequence, the same on every
+    tensor-parallel rank, so it runs tensor-parallel but never sequence-parallel: its layer is
+    built from the LLM's config with ``sequence_parallel`` off (its N x T tokens are small next
+    to the sequence)."""
 
     def __init__(self, lm_config, *, num_tokens: int, use_te: bool):
+        if lm_config.sequence_parallel:
+            lm_config = dataclasses.replace(lm_config, sequence_parallel=False)
         super().__init__(config=lm_config)
         hidden = lm_config.hidden_size
         self.position_embedding = torch.nn.Parameter(
@@ -129,7 +137,7 @@ class CrocModel(MegatronModule):
         )
         self.language_model = GPTModel(
             config=lm_config,
-            transformer_layer_spec=specs.language_layer_spec(use_te=use_te),
+            transformer_layer_spec=specs.language_block_spec(lm_config, use_te=use_te, vp_stage=vp_stage),
             vocab_size=config.padded_vocab_size,
             max_sequence_length=config.language.max_position_embeddings,
             pre_process=pre_process,
@@ -137,7 +145,8 @@ class CrocModel(MegatronModule):
             share_embeddings_and_output_weights=not config.language.untie_embeddings,
             position_embedding_type="rope",
             rotary_base=int(config.language.rotary_base),
-            # We splice the visual tokens in before scattering to sequence-parallel ranks.
+            # We splice the visual tokens in before scattering to sequence-parallel ranks
+            # (_embed): with sequence parallelism the embedding stays whole here.
             scatter_embedding_sequence_parallel=False,
             vp_stage=vp_stage,
         )
@@ -188,6 +197,7 @@ class CrocModel(MegatronModule):
         if isinstance(input_tensor, (list, tuple)):
             assert len(input_tensor) == 1, "CrocModel takes one input tensor per stage"
             input_tensor = input_tensor[0]
+        self._passthrough = None
         if input_tensor is not None and self.carries_targets:
             half = input_tensor.shape[0] // 2
             self._passthrough = input_tensor[half:]
@@ -235,7 +245,7 @@ class CrocModel(MegatronModule):
         lm_output = self.language_model(
             input_ids=None if decoder_input is not None else tokens,
             position_ids=position_ids,
-            attention_mask=layout,
+            attention_mask=layout.as_attention_mask(),
             decoder_input=decoder_input,
             labels=labels,
             output_processor=self._lm_loss_and_hidden if self.post_process else None,
@@ -405,7 +415,10 @@ class CrocModel(MegatronModule):
         visual tokens, mean over elements, over all or only the masked positions (``positions``
         when this chunk drew them already, as the first stage, else drawn here from the keys)."""
         if self.sequence_parallel:
-            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden)
+            # The head and its loss run whole on every tensor-parallel rank (replicated), so each
+            # rank's gradient for the gathered states is already the full one: backward keeps
+            # this rank's slice (megatron-core's default reduce-scatter would sum TP copies).
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         # one key per image, on the host (checked in _check_batch): no count read from the device
         num_images = 0 if image_keys is None else len(image_keys)
         if num_images == 0:

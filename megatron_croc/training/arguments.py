@@ -30,6 +30,7 @@ from megatron_croc.training.config import (
     OptimConfig,
     TrainConfig,
 )
+from megatron_croc.training.memory import MemoryReportConfig
 
 __all__ = ["DEMO_DATA_DIR", "TrainConfig", "build_parser", "parse_args", "EXIT_SIGNALS"]
 
@@ -89,10 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "a smaller one is an error")
     g.add_argument("--unfreeze-vision", action="store_true", help="train the vision encoder too (frozen by default)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
-                   help="activation recomputation: 'selective' recomputes the attention core, 'full' whole "
-                        "layers (default: none)")
-    g.add_argument("--recompute-num-layers", type=int, default=1,
-                   help="layers per recomputed group with --recompute-granularity full")
+                   help="activation recomputation: 'full' recomputes whole LLM layers in backward "
+                        "(see --recompute-method), 'selective' parts of each layer (--recompute-modules) "
+                        "(default: none)")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="with --recompute-granularity full: 'uniform' recomputes every layer, in chunks of "
+                        "--recompute-num-layers; 'block' only the first --recompute-num-layers layers of "
+                        "each pipeline stage (less recomputation, more memory)")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="with --recompute-granularity full: layers per chunk (uniform) or per pipeline "
+                        "stage (block) (default: 1)")
+    g.add_argument("--recompute-modules", nargs="+", default=None, metavar="MODULE",
+                   help="with --recompute-granularity selective: what to recompute in every layer, from "
+                        "core_attn, mlp (default: core_attn)")
 
     g = p.add_argument_group("croc (the comprehension stage and the stage being trained)")
     g.add_argument("--croc-stage", choices=["align", "croc", "instruct"], default="croc",
@@ -132,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
                    help="model chunks per pipeline stage (interleaved 1F1B schedule; default: 1)")
     g.add_argument("--sequence-parallel", action="store_true",
-                   help="shard activations along the sequence over the tensor-parallel group")
+                   help="split the LLM's norms, residuals and dropouts along the sequence over the "
+                        "tensor-parallel ranks (activations / TP there); with or without TransformerEngine")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state over the data-parallel group (Megatron's ZeRO-1)")
     g.add_argument("--overlap-grad-reduce", action="store_true",
@@ -228,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop, save and exit 0 once the run has lasted this many minutes (default: no limit)")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop, save and exit 0 at the first iteration divisible by this (default: never)")
+
+    g = p.add_argument_group("memory report")
+    g.add_argument("--dry-run", action="store_true",
+                   help="build the model on the meta device (no weights allocated, no GPU needed) and print "
+                        "the memory each GPU needs: parameters, gradients, optimizer state with and without "
+                        "the distributed optimizer, activations with and without recomputation and sequence "
+                        "parallelism, and this run's total against --gpu-memory-gb; then exit")
+    g.add_argument("--dry-run-world-size", type=int, default=None, metavar="N",
+                   help="with --dry-run: the number of GPUs of the planned run (default: WORLD_SIZE when "
+                        "launched by torchrun, else TP x PP)")
+    g.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                   help="with --dry-run: the memory of one GPU in GiB (80 for an 80 GB A100/H100)")
     return p
 
 
@@ -293,7 +316,10 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
         apply_rope_fusion=args.apply_rope_fusion,
         gradient_accumulation_fusion=args.gradient_accumulation_fusion,
         recompute_granularity=args.recompute_granularity,
-        recompute_num_layers=args.recompute_num_layers,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=(1 if args.recompute_num_layers is None and args.recompute_granularity == "full"
+                              else args.recompute_num_layers),
+        recompute_modules=tuple(args.recompute_modules) if args.recompute_modules is not None else None,
         seed=args.seed,
     )
     lr = pick("lr")
@@ -313,6 +339,12 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
         raise ConfigError(f"--min-lr {args.min_lr} is larger than --lr {lr}")
     par = model.parallel
     model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+    memory_report = None
+    if args.dry_run:
+        world_size = args.dry_run_world_size or (world_size if world_size > 1 else model_parallel)
+        memory_report = MemoryReportConfig(world_size=world_size, gpu_memory_gb=args.gpu_memory_gb)
+    elif args.dry_run_world_size is not None:
+        raise ConfigError("--dry-run-world-size applies to --dry-run")
     if world_size % model_parallel:
         raise ConfigError(
             f"{world_size} processes cannot be split into --tensor-model-parallel-size x "
@@ -359,6 +391,7 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
         tensorboard_dir=args.tensorboard_dir, max_skipped_steps=args.max_skipped_steps,
         overlap_grad_reduce=args.overlap_grad_reduce,
         notes=tuple(n for n in (seq_note,) if n),
+        memory_report=memory_report,
     )
 
 

@@ -8,9 +8,12 @@ argument checks answer in a fraction of a second.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from megatron_croc.config import ModelConfig
+
+if TYPE_CHECKING:
+    from megatron_croc.training.memory import MemoryReportConfig
 
 # The embedded default: a tiny Croc model on the bundled demo data, sized for 2 CPU cores.
 DEMO_DATA_DIR = "outputs/demo_data"
@@ -92,3 +95,5 @@ class TrainConfig:
     overlap_grad_reduce: bool = False
     # What parse_args adjusted and why (e.g. the sequence length padded for FP8), printed at start.
     notes: tuple[str, ...] = ()
+    # --dry-run: print the memory report (training.memory) instead of training.
+    memory_report: "MemoryReportConfig | None" = None

@@ -419,6 +419,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     first_rank = os.environ.get("RANK", "0") == "0"
     try:
         config = parse_args(argv, world_size=world)
+        if config.memory_report is not None:  # --dry-run: the memory report instead of training
+            if first_rank:
+                from megatron_croc.training.memory import dry_run
+
+                print(dry_run(config).format(), flush=True)
+            return 0
         from megatron_croc.platform import init_platform
         from megatron_croc.training.preflight import plan_run
 

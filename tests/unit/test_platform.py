@@ -23,8 +23,31 @@ def probe_cuda_allocations_on_cpu():
     assert t.device.type == "cpu"
     # pipeline schedules/optimizer allocate with a literal device="cuda"
     assert torch.zeros(1, device="cuda").device.type == "cpu"
+    # CLIPViTModel's .cuda() buffer: on the CPU, except in a model built on the meta device
+    assert torch.zeros(1).cuda().device.type == "cpu" and torch.zeros(1, device="meta").cuda().is_meta
     # DistributedOptimizer only wraps parameters whose type() is a CUDA type name
     assert torch.nn.Parameter(torch.zeros(1)).type() == "torch.cuda.FloatTensor"
+    # backward functions allocate on the current device too (sequence parallelism's
+    # reduce-scatter), also in a backward run inside backward (megatron-core's recomputation)
+    devices = []
+
+    class AllocatesInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            devices.append(torch.empty(1, device=torch.cuda.current_device()).device.type)
+            if len(devices) == 1:  # once: a backward inside this backward, as recomputation runs
+                with torch.enable_grad():
+                    torch.autograd.backward(AllocatesInBackward.apply(torch.ones(1, requires_grad=True)).sum())
+            return grad * 2
+
+    x = torch.ones(3, requires_grad=True)
+    AllocatesInBackward.apply(x).sum().backward()
+    torch.autograd.backward(AllocatesInBackward.apply(x), grad_tensors=torch.ones(3))
+    assert devices == ["cpu"] * 3 and torch.equal(x.grad, torch.full((3,), 4.0))
 
 
 def probe_noop_streams():

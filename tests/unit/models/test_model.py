@@ -187,14 +187,16 @@ def test_bad_input_gives_clear_errors(megatron_world):
 def test_config_refuses_what_cannot_work():
     tiny = model_preset("tiny")
     for change, flag in (
-        (dict(parallel=ParallelConfig(sequence_parallel=True)), "--sequence-parallel"),
         (dict(precision=PrecisionConfig(fp8_format="hybrid")), "--fp8-format"),
         (dict(apply_rope_fusion=True), "--apply-rope-fusion"),
         (dict(gradient_accumulation_fusion=True), "--gradient-accumulation-fusion"),
     ):
         with pytest.raises(ConfigError, match=flag):
             validate(tiny.replace(**change), has_te=False, has_apex=False)
-    validate(tiny.replace(parallel=ParallelConfig(sequence_parallel=True)), has_te=True, has_apex=False)
+    # sequence parallelism needs no TE (models.specs.SequenceParallelTorchNorm)
+    for has_te in (False, True):
+        validate(tiny.replace(parallel=ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)),
+                 has_te=has_te, has_apex=False)
     with pytest.raises(ConfigError, match="does not divide the attention heads"):
         validate(tiny.replace(parallel=ParallelConfig(tensor_model_parallel_size=3)), has_te=False, has_apex=False)
     with pytest.raises(ConfigError, match="cannot be split evenly"):
