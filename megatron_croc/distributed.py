@@ -160,13 +160,15 @@ def _child(worker: Callable[..., Any], rank: int, world_size: int, port: int, re
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
     try:
-        results.put((rank, "ok", worker(rank=rank, world_size=world_size, **kwargs)))
+        # By value (plain pickle): multiprocessing would send tensors as shared-memory handles,
+        # which vanish when this process exits before the parent reads them.
+        results.put((rank, "ok", pickle.dumps(worker(rank=rank, world_size=world_size, **kwargs))))
     except BaseException as error:  # every failure goes to the parent, which reports it once
         try:
-            pickle.dumps(error)
+            sent = pickle.dumps(error)
         except Exception:  # an exception that cannot travel still sends its traceback
-            error = None
-        results.put((rank, "error", (error, traceback.format_exc())))
+            sent = pickle.dumps(None)
+        results.put((rank, "error", (sent, traceback.format_exc())))
         results.close()
         results.join_thread()  # the message is sent before the process ends
         sys.stdout.flush()
@@ -225,10 +227,10 @@ def spawn(worker: Callable[..., Any], world_size: int, *, timeout: float = 600, 
                         "did not finish", rank=-1)
                 continue
             if status == "ok":
-                done[rank] = payload
+                done[rank] = pickle.loads(payload)
             else:
                 error, text = payload
-                failure = SpawnedRankError(f"rank {rank} failed:\n{text}", rank=rank, error=error)
+                failure = SpawnedRankError(f"rank {rank} failed:\n{text}", rank=rank, error=pickle.loads(error))
     finally:
         for p in procs:
             p.join(timeout=5 if failure else 60)

@@ -76,3 +76,17 @@ def test_spawn_ends_at_the_first_failure():
         spawn(_dies, 2, timeout=120)
     with pytest.raises(SpawnedRankError, match="timed out after 3 s"):
         spawn(_hangs, 1, timeout=3)
+
+
+def _returns_tensor(rank, world_size):
+    import torch
+
+    return torch.full((3,), float(rank))
+
+
+def test_spawn_returns_tensors_by_value():
+    """Results travel by value: a worker may exit before the parent reads its tensors."""
+    import torch
+
+    first, second = spawn(_returns_tensor, 2, timeout=120)
+    assert torch.equal(first, torch.zeros(3)) and torch.equal(second, torch.ones(3))
