@@ -227,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-optim", action="store_true",
                    help="with --load, restore the weights but start a fresh optimizer")
     g.add_argument("--no-load-rng", action="store_true", help="with --load, do not restore the RNG states")
+    g.add_argument("--finetune", action="store_true",
+                   help="with --load, take only its weights, also from a checkpoint of the same stage: iteration "
+                        "0, a fresh optimizer, schedule and RNG, the data from its start (e.g. a second run of a "
+                        "stage on other data; another stage's checkpoint always loads this way)")
     g.add_argument("--tensorboard-dir", default=None, help="folder for TensorBoard logs (default: none)")
 
     g = p.add_argument_group("stopping early (cluster time limits and preemption)")
@@ -361,11 +365,14 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
         )
     if args.save_interval is not None and args.save is None:
         raise ConfigError("--save-interval needs --save DIR")
+    if args.finetune and args.load is None:
+        raise ConfigError("--finetune starts from the weights of --load; pass --load DIR")
     if args.auto_resume and args.save is None:
         raise ConfigError("--auto-resume resumes from --save; pass --save DIR")
     checkpoint = CheckpointConfig(
         save=args.save, load=args.load, save_interval=args.save_interval, keep_last=args.keep_last,
         no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, auto_resume=args.auto_resume,
+        finetune=args.finetune,
     )
     requested_seq = pick("seq_length")
     positions = model.language.max_position_embeddings

@@ -317,6 +317,7 @@ def load_checkpoint(
     no_load_optim: bool = False,
     no_load_rng: bool = False,
     override_scheduler: bool = False,
+    finetune: bool = False,
     iteration: int | None = None,
 ) -> dict[str, Any]:
     """Load the latest (or the given) checkpoint into the model, and the optimizer, scheduler
@@ -325,7 +326,8 @@ def load_checkpoint(
 
     Weights only (training restarts at iteration 0, fresh optimizer) when the checkpoint has no
     optimizer state (converted from HuggingFace) or comes from another stage (align -> croc ->
-    instruct); modules new to this stage keep their initialisation.
+    instruct); modules new to this stage keep their initialisation. ``finetune`` (Megatron's
+    ``--finetune``): weights only also from a checkpoint of the same stage.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -333,7 +335,7 @@ def load_checkpoint(
     ckpt = resolve_checkpoint_dir(root, iteration)
 
     common = dict(dist_checkpointing.load_common_state_dict(str(ckpt)))
-    resumable = "scheduler" in common and common.get("croc_stage") == stage
+    resumable = "scheduler" in common and common.get("croc_stage") == stage and not finetune
     same_layout = common.get("layout") == _layout()
 
     model_sd = _model_sharded_state_dict(model_chunks)

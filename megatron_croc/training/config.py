@@ -58,6 +58,8 @@ class CheckpointConfig:
     keep_last: int = 2
     no_load_optim: bool = False
     no_load_rng: bool = False
+    # --finetune: --load gives weights only, even from the same stage (Megatron's flag)
+    finetune: bool = False
     # Resume from --save when it holds a checkpoint (then --load only gives a fresh run's
     # starting weights): what a requeued Slurm job and a rerun demo need.
     auto_resume: bool = False

@@ -220,6 +220,9 @@ def _resolve_checkpoints(config: TrainConfig):
         notes.append(f"--auto-resume: continuing the run in --save {ckpt.save} (iteration {save_latest})"
                      + (f" instead of starting from --load {load}" if load else ""))
         load = ckpt.save
+        # --finetune named how the run starts (from --load's weights); its continuation resumes
+        ckpt = dataclasses.replace(ckpt, finetune=False)
+        config = dataclasses.replace(config, checkpoint=ckpt)
     if save_latest is not None and not _same(load, ckpt.save):
         raise ConfigError(
             f"--save {ckpt.save} already holds checkpoints of a run (latest iteration {save_latest}); continue it "
@@ -239,13 +242,19 @@ def _resolve_checkpoints(config: TrainConfig):
         raise ConfigError(f"--load {load}: {err}") from None
     _check_checkpoint_model(config, folder, common)
     stage = config.model.croc.stage
-    resume = "scheduler" in common and common.get("croc_stage") == stage and not ckpt.no_load_optim
+    same_stage = "scheduler" in common and common.get("croc_stage") == stage
+    resume = same_stage and not ckpt.no_load_optim and not ckpt.finetune
     if "scheduler" in common and common.get("croc_stage") not in (None, stage):
         notes.append(f"--load {load} is a {common.get('croc_stage')!r}-stage checkpoint: starting the {stage!r} stage "
                      "from its weights (fresh optimizer, iteration 0)")
+    elif same_stage and ckpt.finetune:
+        notes.append(f"--finetune: starting from the weights of --load {load} (iteration {common.get('iteration')}): "
+                     "fresh optimizer, schedule and RNG, iteration 0, the data from its start")
     if _same(ckpt.save, load) and save_latest is not None and not resume and "scheduler" in common:
+        why = ("this run starts over from its weights (--finetune)" if same_stage and ckpt.finetune
+               else f"this is a {stage!r}-stage run")
         raise ConfigError(
-            f"--save {ckpt.save} holds a {common.get('croc_stage')!r}-stage run, and this is a {stage!r}-stage run; "
+            f"--save {ckpt.save} holds a {common.get('croc_stage')!r}-stage run, and {why}; "
             "saving here would overwrite it. Choose another --save (and --load it to start from its weights)"
         )
     config = dataclasses.replace(config, checkpoint=dataclasses.replace(ckpt, load=str(load)))

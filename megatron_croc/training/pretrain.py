@@ -225,7 +225,7 @@ def train(config: TrainConfig, *, plan: "RunPlan | None" = None) -> dict[str, ob
         common = load_checkpoint(
             config.checkpoint.load, model_chunks=chunks, optimizer=optimizer, scheduler=scheduler,
             stage=model_config.croc.stage, no_load_optim=config.checkpoint.no_load_optim,
-            no_load_rng=config.checkpoint.no_load_rng,
+            no_load_rng=config.checkpoint.no_load_rng, finetune=config.checkpoint.finetune,
             override_scheduler=config.optim.override_opt_param_scheduler,
         )
         iteration = int(common["iteration"])

@@ -62,6 +62,8 @@ LAUNCHES = {
          "--min-lr", "1e-5", "--num-layers", "4", "@only-at"],
         ["--load", "{save}", "--save", "{save}", "--train-iters", str(ITERS + 2), "--use-checkpoint-opt-param-scheduler",
          "--min-lr", "1e-5", "--exit-signal-handler", "--exit-signal", "SIGUSR1", "--num-layers", "4", "@only-at"],
+        # the same stage again from those weights only: iteration 0, fresh optimizer
+        ["--load", "{save}", "--finetune", "--min-lr", "1e-5", "--num-layers", "4", "@only-at"],
         ["--croc-stage", "align", "--croc-matcher", "hungarian", "--croc-attention", "visual",
          "--croc-vtr-positions", "all", "--croc-pool-init", "token_scale", "--croc-assignment-solver", "auto",
          "--croc-assignment-lookahead"],
@@ -142,7 +144,9 @@ def test_trainer_runs_with_option(launch, layout, data, tmp_path):
         for step in history:
             losses = {k: v for k, v in step.items() if k.endswith("loss")}
             assert losses and all(math.isfinite(v) for v in losses.values()), (argv, step)
-        if "--load" in argv or "--auto-resume" in argv:  # continued from the checkpoint of the run before
+        if "--finetune" in argv:  # from the weights of the run before, counting from iteration 1
+            assert history[0]["iteration"] == 1, (argv, history)
+        elif "--load" in argv or "--auto-resume" in argv:  # continued from the checkpoint of the run before
             assert history[0]["iteration"] == expected, (argv, history)
     if launch == "block-recompute":
         assert os.listdir(tmp_path / "tb")  # TensorBoard events were written

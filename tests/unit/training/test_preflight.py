@@ -151,3 +151,36 @@ def test_a_stage_needs_what_it_starts_from(monkeypatch, tmp_path, stage, present
         preflight._check_checkpoint_model(config, tmp_path, {})
     shapes["language_model.x"] = shapes["vision.encoder.x"] = shapes["vision.projector.x"] = (1,)
     preflight._check_checkpoint_model(config, tmp_path, {})
+
+
+def test_finetune_takes_only_the_weights_of_a_same_stage_checkpoint(monkeypatch, demo, tmp_path):
+    from megatron_croc.training import checkpoint, preflight
+
+    (tmp_path / "prev").mkdir()
+    common = {"iteration": 6, "croc_stage": "croc", "scheduler": {}, "lr_schedule": {}}
+    monkeypatch.setattr(checkpoint, "resolve_checkpoint_dir", lambda load: Path(load))
+    monkeypatch.setattr(checkpoint, "checkpoint_common_state", lambda folder: common)
+    monkeypatch.setattr(preflight, "_check_checkpoint_model", lambda config, folder, common: None)
+    load = ["--load", str(tmp_path / "prev")]
+    # without --finetune the same stage resumes (and the 4-iteration run is already done)
+    assert _plan(*_args(demo.prefix, *load)).resume_iteration == 6
+    plan = _plan(*_args(demo.prefix, *load, "--finetune"))
+    assert plan.resume_iteration == 0 and plan.nothing_to_do is None
+    assert any("--finetune: starting from the weights of --load" in n and "iteration 0" in n for n in plan.notes)
+    with pytest.raises(ConfigError, match="--finetune starts from the weights of --load; pass --load DIR"):
+        _plan(*_args(demo.prefix, "--finetune"))
+    # --save holding the very run --finetune starts from would be overwritten
+    (tmp_path / "prev" / "latest_checkpointed_iteration.txt").write_text("6\n")
+    with pytest.raises(ConfigError, match=r"this run starts over from its weights \(--finetune\); saving here would "
+                                          "overwrite it"):
+        _plan(*_args(demo.prefix, *load, "--save", str(tmp_path / "prev"), "--finetune"))
+    # a requeued --finetune job continues its own run in --save
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "latest_checkpointed_iteration.txt").write_text("2\n")
+    from megatron_croc.training.optim import lr_schedule
+
+    same = parse_args(_args(demo.prefix))
+    common.update(iteration=2, lr_schedule=lr_schedule(same.optim, train_iters=same.train_iters,
+                                                       global_batch_size=same.global_batch_size))
+    plan = _plan(*_args(demo.prefix, *load, "--save", str(tmp_path / "run"), "--auto-resume", "--finetune"))
+    assert plan.resume_iteration == 2 and not plan.config.checkpoint.finetune
