@@ -98,15 +98,21 @@ def caption(scene: SceneSpec) -> str:
     return f"{head} on a {scene.background} background: {listed}."
 
 
-def render(scene: SceneSpec, size: int = 64) -> Image.Image:
-    """Draw the scene; each quadrant is a cell, shapes are centred in their cell."""
+def render(scene: SceneSpec, size: int = 64, *, jitter: np.random.Generator | None = None) -> Image.Image:
+    """Draw the scene; each quadrant is a cell, shapes are centred in their cell. ``jitter``
+    moves each shape by up to 1/16 of the image and scales it by 0.85-1.1, so that no two
+    images are alike even where two scenes are (the recipe's held-out images)."""
     img = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     half = size // 2
     for s in scene.shapes:
         col, row = POSITIONS.index(s.position) % 2, POSITIONS.index(s.position) // 2
         cx, cy = col * half + half // 2, row * half + half // 2
-        r = round(half * (0.42 if s.size == "large" else 0.22))
+        r = half * (0.42 if s.size == "large" else 0.22)
+        if jitter is not None:
+            dx, dy = jitter.integers(-(size // 16), size // 16 + 1, size=2).tolist()
+            cx, cy, r = cx + dx, cy + dy, r * float(jitter.uniform(0.85, 1.1))
+        r = round(r)
         fill = COLORS[s.color]
         if s.shape == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -156,15 +162,116 @@ def generate_records(num_samples: int, seed: int, *, multi_turn_fraction: float 
         yield {"id": sid, "image": f"images/{sid}.png", "conversations": convs}, scene
 
 
+# ---------------------------------------------------------------------------------------------
+# The three-stage recipe's splits (examples/croc_recipe_demo.sh, docs/EXPERIMENTS.md)
+# ---------------------------------------------------------------------------------------------
+
+# LLaVA-1.5's suffix for short-answer questions (its VQA data): the answer is scored by exact match.
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+QUESTION_TYPES = ("count", "background", "color", "shape", "size", "position")
+EVAL_TYPES = (*QUESTION_TYPES, "caption")
+# split -> what it holds; "demo" is the embedded demo's mixed set (captions, follow-ups, text)
+RECIPE_SPLITS = {
+    "text": "text only: descriptions of imagined scenes and facts of the world (the toy LLM's pretraining)",
+    "caption": "one image, one detailed caption (the align stage and stage 1.5)",
+    "instruct": "one image, 1-3 short-answer questions, sometimes after a caption (the instruct stage)",
+    "eval": "held-out images, one question each, with question_type and facts (tools/evaluate.py)",
+}
+_SPLIT_STREAMS = {"demo": 0, "text": 1, "caption": 2, "instruct": 3, "eval": 4}
+
+
+def short_question(kind: str, scene: SceneSpec, rng: np.random.Generator) -> tuple[str, str]:
+    """A question of ``kind`` (one of QUESTION_TYPES) whose short answer needs the picture."""
+    n = len(scene.shapes)
+    s = scene.shapes[int(rng.integers(n))]
+    if kind == "count":
+        return "How many shapes are there?", NUMBERS[n]
+    if kind == "background":
+        return "What is the background color?", scene.background
+    if kind == "color":
+        return f"What color is the {s.shape} at the {s.position}?", s.color
+    if kind == "shape":
+        return f"Which shape is at the {s.position}?", s.shape
+    if kind == "size":
+        return f"Is the {s.shape} at the {s.position} small or large?", s.size
+    if kind == "position":
+        p = POSITIONS[int(rng.integers(len(POSITIONS)))]
+        there = next((x for x in scene.shapes if x.position == p), None)
+        return f"What is at the {p}?", "nothing" if there is None else f"{there.size} {there.color} {there.shape}"
+    raise ValueError(f"unknown question type {kind!r}; expected one of {QUESTION_TYPES}")
+
+
+def caption_facts(scene: SceneSpec) -> list[str]:
+    """What a detailed caption must state, one fact each: the count, the background, and each
+    shape with its size, colour and place (scored after tools/evaluate.py's normalisation)."""
+    n = len(scene.shapes)
+    return ["one shape" if n == 1 else f"{NUMBERS[n]} shapes", f"{scene.background} background",
+            *(f"{s.size} {s.color} {s.shape} at the {s.position}" for s in scene.shapes)]
+
+
+def _image_turn(prompt: str, rng: np.random.Generator) -> str:
+    return f"<image>\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n<image>"
+
+
+def generate_split_records(split: str, num_samples: int, seed: int) -> Iterator[tuple[dict[str, Any], SceneSpec | None]]:
+    """LLaVA-format records of one of the recipe's ``RECIPE_SPLITS`` (or the ``demo`` set), and
+    their scenes. Each split draws from its own stream of ``seed``: its scenes and images are
+    its own."""
+    if split == "demo":
+        yield from generate_records(num_samples, seed)
+        return
+    if split not in RECIPE_SPLITS:
+        raise ValueError(f"unknown demo split {split!r}; expected demo or one of {sorted(RECIPE_SPLITS)}")
+    rng = np.random.default_rng([seed, _SPLIT_STREAMS[split]])
+    for i in range(num_samples):
+        sid = f"{split}-{i:06d}"
+        scene = sample_scene(rng)
+        if split == "text":
+            if rng.random() < 0.1:
+                q, a = TEXT_ONLY[int(rng.integers(len(TEXT_ONLY)))]
+            else:
+                q, a = "Imagine a picture of shapes and describe it.", caption(scene)
+            yield {"id": sid, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}, None
+            continue
+        record: dict[str, Any] = {"id": sid, "image": f"images/{sid}.png"}
+        if split == "caption":
+            prompt = DETAIL_PROMPTS[int(rng.integers(len(DETAIL_PROMPTS)))]
+            convs = [{"from": "human", "value": _image_turn(prompt, rng)}, {"from": "gpt", "value": caption(scene)}]
+        elif split == "instruct":
+            rounds = []
+            if rng.random() < 0.3:
+                rounds.append((DETAIL_PROMPTS[int(rng.integers(len(DETAIL_PROMPTS)))], caption(scene)))
+            for kind in rng.choice(QUESTION_TYPES, size=int(rng.integers(1, 4)), replace=False).tolist():
+                q, a = short_question(kind, scene, rng)
+                rounds.append((f"{q}\n{SHORT_ANSWER}", a))
+            convs = []
+            for j, (q, a) in enumerate(rounds):
+                convs += [{"from": "human", "value": _image_turn(q, rng) if j == 0 else q}, {"from": "gpt", "value": a}]
+        else:  # eval: the question types in turn, one question per image
+            kind = EVAL_TYPES[i % len(EVAL_TYPES)]
+            if kind == "caption":
+                q, a = DETAIL_PROMPTS[0], caption(scene)
+                record["facts"] = caption_facts(scene)
+            else:
+                q, a = short_question(kind, scene, rng)
+                q = f"{q}\n{SHORT_ANSWER}"
+            record["question_type"] = kind
+            convs = [{"from": "human", "value": _image_turn(q, rng)}, {"from": "gpt", "value": a}]
+        record["conversations"] = convs
+        yield record, scene
+
+
 def write_demo_source(out_dir: str | os.PathLike[str], *, num_samples: int, seed: int,
-                      render_size: int = 64) -> tuple[str, str]:
-    """Write ``demo.json`` (LLaVA format) and ``images/*.png``; return (json path, image folder)."""
+                      render_size: int = 64, split: str = "demo") -> tuple[str, str]:
+    """Write ``demo.json`` (LLaVA format) and ``images/*.png``; return (json path, image folder).
+    The recipe's splits jitter their shapes (see ``render``) from the split's own stream."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
-    for record, scene in generate_records(num_samples, seed):
-        if scene is not None:
-            render(scene, render_size).save(out / record["image"], format="PNG", optimize=False)
+    jitter = None if split == "demo" else np.random.default_rng([seed, _SPLIT_STREAMS[split], 1])
+    for record, scene in generate_split_records(split, num_samples, seed):
+        if scene is not None and "image" in record:
+            render(scene, render_size, jitter=jitter).save(out / record["image"], format="PNG", optimize=False)
         records.append(record)
     path = out / "demo.json"
     path.write_text(json.dumps(records, indent=0))
@@ -271,13 +378,15 @@ def ensure_demo_dataset(
     image_transform: str = "pad",
     render_size: int = 64,
     tokenizer_model: str | os.PathLike[str] | None = None,
+    split: str = "demo",
 ) -> DemoDataset:
     """Get (or build, in a few seconds) the demo dataset cached under ``out_dir``.
 
     The cache key covers every argument, so different settings live side by side in
     ``out_dir/demo-<key>/``; a folder without a finished sidecar is rebuilt.
     ``tokenizer_model``: tokenize with this SentencePiece model (e.g. the training set's, for a
-    validation set) instead of training one on this set's text.
+    validation set) instead of training one on this set's text. ``split``: the embedded demo's
+    mixed set, or one of the recipe's ``RECIPE_SPLITS``.
     """
     from megatron_croc.data.indexed import meta_path, read_meta
     from megatron_croc.data.preprocess import PreprocessConfig, run_preprocess
@@ -287,6 +396,8 @@ def ensure_demo_dataset(
         "template": template, "seq_length": seq_length, "num_image_tokens": num_image_tokens,
         "image_transform": image_transform, "render_size": render_size,
     }
+    if split != "demo":  # the embedded demo's cache key stays as it was
+        params["split"] = split
     if tokenizer_model is not None:
         params["tokenizer_sha256"] = hashlib.sha256(Path(tokenizer_model).read_bytes()).hexdigest()
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
@@ -298,7 +409,7 @@ def ensure_demo_dataset(
             if folder.exists():
                 shutil.rmtree(folder)  # an interrupted build
             source_json, image_folder = write_demo_source(folder / "source", num_samples=num_samples, seed=seed,
-                                                          render_size=render_size)
+                                                          render_size=render_size, split=split)
             records = json.loads(Path(source_json).read_text())
             if tokenizer_model is None:
                 tok = train_demo_tokenizer(records, folder / "tokenizer.model")
@@ -323,8 +434,34 @@ def ensure_demo_dataset(
     )
 
 
+RECIPE_SIZES = {"text": 2000, "caption": 2000, "instruct": 2000, "eval": 350}
+
+
+def ensure_recipe_datasets(out_dir: str | os.PathLike[str], *, seed: int,
+                           sizes: dict[str, int] | None = None, **kwargs: Any) -> dict[str, DemoDataset]:
+    """The recipe's splits (``RECIPE_SPLITS``) for one seed, all tokenized with one SentencePiece
+    model trained on the training splits' text (as a real recipe keeps its LLM's tokenizer).
+    ``kwargs``: ``ensure_demo_dataset``'s image and sequence settings."""
+    sizes = {**RECIPE_SIZES, **(sizes or {})}
+    corpus = [r for split in ("text", "caption", "instruct")
+              for r, _ in generate_split_records(split, sizes[split], seed)]
+    key = hashlib.sha256(json.dumps([DEMO_VERSION, seed, sizes], sort_keys=True).encode()).hexdigest()[:12]
+    tokenizer = Path(out_dir) / f"recipe-{key}" / "tokenizer.model"
+    with _locked(Path(out_dir) / f".recipe-{key}.lock"):
+        if not tokenizer.exists():
+            tokenizer.parent.mkdir(parents=True, exist_ok=True)
+            train_demo_tokenizer(corpus, tokenizer.with_suffix(".partial"))
+            os.replace(tokenizer.with_suffix(".partial"), tokenizer)
+    return {split: ensure_demo_dataset(out_dir, num_samples=sizes[split], seed=seed, split=split,
+                                       tokenizer_model=tokenizer, **kwargs) for split in RECIPE_SPLITS}
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
+
+    from megatron_croc.quiet import quiet_known_warnings
+
+    quiet_known_warnings()  # preprocessing imports megatron-core
 
     p = argparse.ArgumentParser(
         description="Build (or find in the cache) the demo dataset and print its prefix and tokenizer.",
@@ -336,7 +473,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--template", default="vicuna_v1", help="conversation template")
     p.add_argument("--seq-length", type=int, default=256, help="skip samples longer than this (none are)")
     p.add_argument("--num-image-tokens", type=int, default=16, help="visual tokens per image in the model")
+    p.add_argument("--recipe", action="store_true",
+                   help="build the three-stage recipe's splits instead (" + "; ".join(
+                       f"{k}: {v}" for k, v in RECIPE_SPLITS.items()) + ") with one tokenizer, and write "
+                   "recipe_seed<SEED>.env (TEXT_DATA=..., CAPTION_DATA=..., INSTRUCT_DATA=..., EVAL_DATA=..., "
+                   "TOKENIZER=...) in --output-dir for examples/croc_recipe_demo.sh")
+    for split, n in RECIPE_SIZES.items():
+        p.add_argument(f"--{split}-samples", type=int, default=n, help=f"with --recipe: records of the {split} split")
     a = p.parse_args(argv)
+    if a.recipe:
+        sets = ensure_recipe_datasets(
+            a.output_dir, seed=a.seed, sizes={split: getattr(a, f"{split}_samples") for split in RECIPE_SIZES},
+            image_size=a.image_size, template=a.template, seq_length=a.seq_length,
+            num_image_tokens=a.num_image_tokens)
+        lines = [f"{split.upper()}_DATA={d.prefix}" for split, d in sets.items()]
+        lines.append(f"TOKENIZER={sets['caption'].tokenizer_model}")
+        env = Path(a.output_dir) / f"recipe_seed{a.seed}.env"
+        env.write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        for split, d in sets.items():
+            print(f"{split}: {json.dumps(d.meta['counts'])}")
+        return 0
     demo = ensure_demo_dataset(a.output_dir, image_size=a.image_size, num_samples=a.num_samples, seed=a.seed,
                                template=a.template, seq_length=a.seq_length, num_image_tokens=a.num_image_tokens)
     print(json.dumps({k: v for k, v in asdict(demo).items() if k != "meta"}, indent=1))

@@ -112,3 +112,70 @@ def test_source_is_llava_format(demo):
         assert [t["from"] for t in r["conversations"]] == ["human", "gpt"] * (len(r["conversations"]) // 2)
         if "image" in r:
             assert Image.open(Path(demo.image_folder) / r["image"]).size == (64, 64)
+
+
+# --- the three-stage recipe's splits (examples/croc_recipe_demo.sh) ---------------------------
+
+
+def test_recipe_splits_answers_follow_from_the_scene():
+    from megatron_croc.data.demo import EVAL_TYPES, SHORT_ANSWER, caption_facts, generate_split_records
+    from megatron_croc.evaluation.metrics import normalize_answer
+
+    seen_types = set()
+    for record, scene in generate_split_records("eval", 70, seed=2):
+        question, answer = (t["value"] for t in record["conversations"])
+        kind = record["question_type"]
+        seen_types.add(kind)
+        assert "<image>" in question
+        if kind == "caption":
+            assert answer == caption(scene) and record["facts"] == caption_facts(scene)
+            # every fact is stated by the reference caption, as the evaluation scores it
+            assert all(normalize_answer(f) in normalize_answer(answer) for f in record["facts"]), record
+            assert len(record["facts"]) == 2 + len(scene.shapes)
+        else:
+            assert SHORT_ANSWER in question and "facts" not in record
+            assert len(answer.split()) <= 3  # a word or a phrase
+        if kind == "count":
+            assert answer == ("one", "two", "three")[len(scene.shapes) - 1]
+        elif kind == "background":
+            assert answer == scene.background
+        elif kind == "position":
+            where = question.split("What is at the ")[1].split("?")[0]
+            there = [s for s in scene.shapes if s.position == where]
+            assert answer == (f"{there[0].size} {there[0].color} {there[0].shape}" if there else "nothing")
+        elif kind in ("color", "shape", "size"):
+            shape = next(s for s in scene.shapes if f"at the {s.position}" in question)
+            assert answer == getattr(shape, kind)
+    assert seen_types == set(EVAL_TYPES)
+    for record, scene in generate_split_records("text", 30, seed=2):
+        assert "image" not in record and scene is None
+    for record, scene in generate_split_records("instruct", 30, seed=2):
+        humans = [t["value"] for t in record["conversations"][::2]]
+        assert sum("<image>" in h for h in humans) == 1 and "<image>" in humans[0]
+    with pytest.raises(ValueError, match="unknown demo split 'test'"):
+        next(generate_split_records("test", 1, seed=2))
+
+
+def test_recipe_splits_share_one_tokenizer_and_the_eval_images_are_held_out(tmp_path):
+    import hashlib
+
+    from megatron_croc.data.demo import ensure_recipe_datasets, main
+
+    sizes = {"text": 40, "caption": 40, "instruct": 40, "eval": 40}
+    sets = ensure_recipe_datasets(tmp_path, seed=4, sizes=sizes, seq_length=192)
+    assert set(sets) == {"text", "caption", "instruct", "eval"}
+    assert len({Path(d.tokenizer_model).read_bytes() for d in sets.values()}) == 1
+    assert {d.meta["tokenizer"]["sha256"] for d in sets.values()} == {sets["caption"].meta["tokenizer"]["sha256"]}
+    assert sets["text"].meta["counts"]["with_image"] == 0 and sets["eval"].meta["counts"]["samples"] == 40
+
+    def image_hashes(split):
+        folder = Path(sets[split].image_folder) / "images"
+        return {hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("*.png")}
+
+    train = image_hashes("caption") | image_hashes("instruct")
+    assert not image_hashes("eval") & train  # no held-out picture occurs in training, pixel for pixel
+    # the recipe's env file, for examples/croc_recipe_demo.sh
+    assert main(["--recipe", "--output-dir", str(tmp_path), "--seed", "4", "--seq-length", "192",
+                 *[f"--{k}-samples={v}" for k, v in sizes.items()]]) == 0
+    env = dict(line.split("=", 1) for line in (tmp_path / "recipe_seed4.env").read_text().splitlines())
+    assert env["EVAL_DATA"] == sets["eval"].prefix and env["TOKENIZER"] == sets["caption"].tokenizer_model
