@@ -23,7 +23,6 @@ plays ranks on fake process groups). Prints a table between ``=== memory table``
 
 from __future__ import annotations
 
-import argparse
 import gc
 import itertools
 import os
@@ -33,7 +32,15 @@ from typing import Sequence
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import PRESETS, build_croc, build_model_config, croc_forward_step, make_batch, wrap_for_training  # noqa: E402
+from bench_step import (  # noqa: E402
+    PRESETS,
+    build_croc,
+    build_model_config,
+    croc_forward_step,
+    make_batch,
+    step_shape_parser,
+    wrap_for_training,
+)
 from benchlib import device_name, emit_json  # noqa: E402
 
 RECOMPUTE = {
@@ -156,15 +163,7 @@ def format_table(result: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", action="store_true", help="toy model and batch (CPU smoke run)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default croc-1b (tiny with --tiny)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--seq-length", type=int, default=None)
-    p.add_argument("--micro-batch-size", type=int, default=None)
-    p.add_argument("--num-microbatches", type=int, default=None)
-    p.add_argument("--num-layers", type=int, default=None, help="override the LLM depth")
+    p = step_shape_parser(__doc__.split("\n")[0])
     p.add_argument("--recompute", nargs="+", choices=list(RECOMPUTE), default=list(RECOMPUTE))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json-out", default=None)

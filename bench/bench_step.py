@@ -542,8 +542,9 @@ CROC_NEAREST = "Croc step, nearest matcher (no host solve)"
 CROC_NO_LOOKAHEAD = "Croc step, assignment look-ahead off"
 
 
-def parse_args(argv: Sequence[str] | None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def step_shape_parser(description: str) -> argparse.ArgumentParser:
+    """The flags that choose the model and the step's shape, shared with bench_memory."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="toy model and batch (CPU smoke run)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default croc-1b (tiny with --tiny)")
@@ -553,8 +554,13 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--num-microbatches", type=int, default=None,
                    help="micro-batches per optimizer step (preset default: 4; the assignment look-ahead "
                         "overlaps micro-batch m+1's solve with micro-batch m)")
-    p.add_argument("--samples-per-row", type=int, default=1, help=">1 packs samples (each with an image)")
     p.add_argument("--num-layers", type=int, default=None, help="override the LLM depth")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None):
+    p = step_shape_parser(__doc__.split("\n")[0])
+    p.add_argument("--samples-per-row", type=int, default=1, help=">1 packs samples (each with an image)")
     p.add_argument("--pool-size", type=int, default=None)
     p.add_argument("--attention", choices=["visual", "prefix"], default="visual")
     p.add_argument("--warmup", type=int, default=None)

@@ -29,6 +29,10 @@ _KNOWN_WARNINGS = (
                   "in a single process."),
     # imported by megatron-core's model registry; we do not use MIMO
     (UserWarning, "MimoModelConfig is experimental and still under active development."),
+    # megatron-core's dist_checkpointing calls torch.distributed.checkpoint.load positionally
+    # and builds ShardedTensors for its torch_dist format: seen on every --load
+    (UserWarning, "The argument order of load has been changed. Please check the document to avoid future breakages."),
+    (FutureWarning, "Please use DTensor instead and we are deprecating ShardedTensor."),
 )
 
 # logger name -> start of the message, for the ones logged rather than warned

@@ -49,6 +49,23 @@ def init_distributed(*, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                         virtual_pipeline_parallel=virtual_pipeline_parallel, seed=seed)
 
 
+def croc_forward_backward(model, config, batch: dict, *, backward: bool = True, **forward_kwargs):
+    """One forward (+ backward) of a CrocModel on a ``synthetic_batch``, as the training step
+    runs it: the attention layout from the batch, then ``croc_loss``. Returns (output, loss, parts)."""
+    from megatron_croc.models.attention import build_attention_layout
+    from megatron_croc.models.croc import croc_loss
+
+    layout = build_attention_layout(config.croc.attention_variant, segment_ids=batch["segment_ids"],
+                                    visual_mask=batch["visual_mask"], loss_mask=batch["loss_mask"])
+    out = model(tokens=batch["tokens"], position_ids=batch["position_ids"], layout=layout,
+                visual_mask=batch["visual_mask"], labels=batch["labels"], images=batch["images"],
+                image_keys=batch["image_keys"], **forward_kwargs)
+    loss, parts = croc_loss(out, batch["loss_mask"], config)
+    if backward:
+        loss.backward()
+    return out, loss, parts
+
+
 def synthetic_batch(
     *,
     num_image_tokens: int,

@@ -19,24 +19,18 @@ ROWS = [
 def _loss_and_grads(config, batch):
     from megatron.core import parallel_state
 
-    from megatron_croc.models.attention import build_attention_layout
-    from megatron_croc.models.croc import CrocModel, croc_loss
+    from megatron_croc.models.croc import CrocModel
     from megatron_croc.models.parallel_plan import full_tensors
 
     torch.manual_seed(0)
     model = CrocModel(config)
-    return model, lambda: _step(model, config, batch, build_attention_layout, croc_loss, full_tensors,
-                                parallel_state.get_tensor_model_parallel_group())
+    return model, lambda: _step(model, config, batch, full_tensors, parallel_state.get_tensor_model_parallel_group())
 
 
-def _step(model, config, batch, build_attention_layout, croc_loss, full_tensors, tp_group):
-    layout = build_attention_layout(config.croc.attention_variant, segment_ids=batch["segment_ids"],
-                                    visual_mask=batch["visual_mask"], loss_mask=batch["loss_mask"])
-    out = model(tokens=batch["tokens"], position_ids=batch["position_ids"], layout=layout,
-                visual_mask=batch["visual_mask"], labels=batch["labels"], images=batch["images"],
-                image_keys=batch["image_keys"])
-    loss, parts = croc_loss(out, batch["loss_mask"], config)
-    loss.backward()
+def _step(model, config, batch, full_tensors, tp_group):
+    from megatron_croc.testing import croc_forward_backward
+
+    _, loss, parts = croc_forward_backward(model, config, batch)
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     return float(loss), {k: float(v) for k, v in parts.items()}, full_tensors(model, grads, tp_group)
 

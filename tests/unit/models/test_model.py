@@ -9,8 +9,8 @@ import torch
 
 from megatron_croc.config import ConfigError, CrocConfig, ParallelConfig, PrecisionConfig, model_preset, validate
 from megatron_croc.models.attention import build_attention_layout
-from megatron_croc.models.croc import CrocModel, CrocOutputs, croc_loss
-from megatron_croc.testing import synthetic_batch
+from megatron_croc.models.croc import CrocModel, CrocOutputs
+from megatron_croc.testing import croc_forward_backward, synthetic_batch
 
 ROWS = [
     [dict(prompt=3, image=True, question=2, answer=5)],
@@ -26,19 +26,8 @@ def _batch(config, rows=ROWS, seq_length=48, seed=0):
 
 
 def _run(model, config, batch, *, backward=True, visual_prefetch=None, visual_index=None):
-    layout = build_attention_layout(
-        config.croc.attention_variant, segment_ids=batch["segment_ids"],
-        visual_mask=batch["visual_mask"], loss_mask=batch["loss_mask"],
-    )
-    out = model(
-        tokens=batch["tokens"], position_ids=batch["position_ids"], layout=layout,
-        visual_mask=batch["visual_mask"], labels=batch["labels"], images=batch["images"],
-        image_keys=batch["image_keys"], visual_prefetch=visual_prefetch, visual_index=visual_index,
-    )
-    loss, parts = croc_loss(out, batch["loss_mask"], config)
-    if backward:
-        loss.backward()
-    return out, loss, parts
+    return croc_forward_backward(model, config, batch, backward=backward, visual_prefetch=visual_prefetch,
+                                 visual_index=visual_index)
 
 
 def _model(stage="croc", **croc):

@@ -17,8 +17,8 @@ import torch
 from megatron_croc.config import ConfigError, CrocConfig, model_preset, validate
 from megatron_croc.models import attention
 from megatron_croc.models.attention import LayoutHandle, build_attention_layout, layout_of
-from megatron_croc.models.croc import CrocModel, croc_loss
-from megatron_croc.testing import synthetic_batch
+from megatron_croc.models.croc import CrocModel
+from megatron_croc.testing import croc_forward_backward, synthetic_batch
 
 # packed rows with images, text-only samples and padding: every rule of the mixed layout
 ROWS = [
@@ -46,13 +46,7 @@ def _step(config, weights, batch):
     model = CrocModel(config)
     if weights is not None:
         model.load_state_dict(weights)
-    layout = build_attention_layout(config.croc.attention_variant, segment_ids=batch["segment_ids"],
-                                    visual_mask=batch["visual_mask"], loss_mask=batch["loss_mask"])
-    out = model(tokens=batch["tokens"], position_ids=batch["position_ids"], layout=layout,
-                visual_mask=batch["visual_mask"], labels=batch["labels"], images=batch["images"],
-                image_keys=batch["image_keys"])
-    loss, parts = croc_loss(out, batch["loss_mask"], config)
-    loss.backward()
+    _, loss, parts = croc_forward_backward(model, config, batch)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return model, loss.detach(), parts, grads
 
