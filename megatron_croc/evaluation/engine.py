@@ -412,7 +412,7 @@ class _Evaluation:
             raise
 
     def _load_hf(self, hf_dir: Path):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoProcessor
 
         if not (hf_dir / "config.json").is_file():
             raise EvalError(f"--hf {hf_dir}: not a HuggingFace export (no config.json); make one with "
@@ -423,7 +423,7 @@ class _Evaluation:
         if not self.cfg.progress:
             hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
         try:
-            model = AutoModelForImageTextToText.from_pretrained(str(hf_dir), trust_remote_code=True, dtype="auto")
+            model = _model_class(hf_dir).from_pretrained(str(hf_dir), dtype="auto")
             processor = AutoProcessor.from_pretrained(str(hf_dir))
         except Exception as err:  # transformers raises many kinds
             raise EvalError(f"--hf {hf_dir}: transformers cannot load it ({type(err).__name__}: {err})") from None
@@ -583,6 +583,23 @@ class _Evaluation:
                     out[i] = generated[b, width:].tolist()
                 bar.update(len(batch))
         return out
+
+
+def _model_class(hf_dir: Path):
+    """Our exports' model class from this package, never from the folder: an export's
+    ``modeling_croc.py`` would run with ``trust_remote_code=True``, and an --hf folder may come
+    from anyone (docs/SECURITY.md). Any other LLaVA folder: transformers' own classes."""
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise EvalError(f"--hf {hf_dir}: cannot read config.json ({err})") from None
+    if "croc" in config:
+        from megatron_croc.convert.hf_modeling.modeling_croc import CrocLlavaForConditionalGeneration
+
+        return CrocLlavaForConditionalGeneration
+    return AutoModelForImageTextToText
 
 
 def _cut(ids: list[int], stop_ids: set[int]) -> list[int]:

@@ -105,10 +105,10 @@ def _noised_copy(hf: Path, out: Path) -> Path:
     """The export with every weight perturbed (seeded): a model whose greedy answers depend on the
     prompt and the image, so that padding mistakes show in them (the briefly trained model mostly
     repeats one caption whatever it is asked)."""
-    from transformers import AutoModelForImageTextToText
+    from megatron_croc.convert.hf_modeling.modeling_croc import CrocLlavaForConditionalGeneration
 
     shutil.copytree(hf, out)
-    model = AutoModelForImageTextToText.from_pretrained(str(hf), trust_remote_code=True)
+    model = CrocLlavaForConditionalGeneration.from_pretrained(str(hf))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -282,3 +282,19 @@ def test_errors_exit_2_with_one_line(setup, tmp_path, capsys):
     (tmp_path / "refs.json").write_text(json.dumps(setup["records"]))
     assert main(["--hf", hf, "--data-path", prefix, "--references", str(tmp_path / "refs.json"), "--limit", "2",
                  *quick]) == 0
+
+
+def test_code_shipped_in_an_hf_folder_never_runs(setup, tmp_path, capsys):
+    """--hf takes folders from anyone: the model class of our exports comes from this package,
+    never from the folder's modeling_croc.py (no trust_remote_code; docs/SECURITY.md)."""
+    from megatron_croc.evaluation.cli import main
+
+    hostile = tmp_path / "hf"
+    shutil.copytree(setup["hf"], hostile)
+    marker = tmp_path / "ran"
+    (hostile / "modeling_croc.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                                              + (hostile / "modeling_croc.py").read_text())
+    assert main(["--hf", str(hostile), "--data-path", setup["prefix"], "--limit", "2", "--max-new-tokens", "4",
+                 "--no-progress", "--device", "cpu"]) == 0
+    assert not marker.exists()
+    assert "overall" in capsys.readouterr().out
