@@ -1017,7 +1017,9 @@ def megatron_to_hf(
 
     engine = croc_engine(config, names, hf_vocab_rows=hf_rows)
     save = Path(save)
-    _log(f"{ckpt} ({model}, {config.croc.stage} stage) -> {save} in {str(out_dtype).removeprefix('torch.')}")
+    # config.croc.stage only says which modules to read (the pool and VTR head, or not)
+    holds = "with" if has_pool else "without"
+    _log(f"{ckpt} ({model}, {holds} the pool and VTR head) -> {save} in {str(out_dtype).removeprefix('torch.')}")
     with _staging(save, overwrite) as tmp:
         writer = _ShardWriter(tmp, _parse_size(max_shard_size))
         extras: dict[str, torch.Tensor] = {}
