@@ -22,11 +22,11 @@
 #   croc-prefix   croc with --croc-attention prefix
 #   croc-normal   croc with --croc-pool-init normal
 #
-# Usage: bash examples/croc_recipe_demo.sh      (the table's runs: ~35 minutes on 2 CPU cores)
-# Settings (environment): OUT, SEEDS ("1 2 3"), VARIANTS ("untrained none caption croc"), EXTRA_SEEDS ("1":
-# the seeds that also run EXTRA_VARIANTS), EXTRA_VARIANTS (empty: none), JOBS (runs at once, one CPU thread each;
-# default: the number of cores), LM_ITERS, ALIGN_ITERS, STAGE15_ITERS, INSTRUCT_ITERS, the split
-# sizes TEXT_SAMPLES, CAPTION_SAMPLES, INSTRUCT_SAMPLES, EVAL_SAMPLES, and EVAL_LIMIT (questions).
+# Usage: bash examples/croc_recipe_demo.sh      (the whole table: 22 minutes on 2 CPU cores)
+# Settings (environment; defaults in the lines below): OUT, SEEDS, VARIANTS, EXTRA_SEEDS (the seeds
+# that also run EXTRA_VARIANTS; EXTRA_VARIANTS= runs none), JOBS (runs at once, one CPU thread
+# each; default: the number of cores), LM_ITERS, ALIGN_ITERS, STAGE15_ITERS, INSTRUCT_ITERS, the
+# split sizes TEXT_SAMPLES, CAPTION_SAMPLES, INSTRUCT_SAMPLES, EVAL_SAMPLES, and EVAL_LIMIT (questions).
 # Each stage's log is OUT/seed<S>/<stage>.log; OUT/timings.tsv holds each stage's wall time;
 # OUT/table.md the table (mean +- std over seeds).
 set -euo pipefail
