@@ -32,6 +32,27 @@ from megatron_croc.data.indexed import MultimodalIndexedDataset, Sample
 from megatron_croc.data.sampler import GlobalBatchSampler, ResumableDataLoader, RowSource, SingleRows
 
 
+def expand_image_placeholder(tokens: np.ndarray, loss_mask: np.ndarray, *, num_image_tokens: int,
+                             fill_id: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """A stored sample's tokens with its (at most one) ``IMAGE_TOKEN_ID`` placeholder widened to
+    ``num_image_tokens`` positions holding ``fill_id`` (the pad id for training, where the visual
+    tokens are spliced in; an export's ``<image>`` id for transformers). Returns (ids int64,
+    supervised uint8, the first visual position or -1); visual positions are never supervised."""
+    tokens = np.asarray(tokens)
+    where = np.flatnonzero(tokens == IMAGE_TOKEN_ID)
+    if len(where) == 0:
+        return tokens.astype(np.int64), np.asarray(loss_mask, dtype=np.uint8), -1
+    p, K = int(where[0]), num_image_tokens
+    ids = np.empty(len(tokens) - 1 + K, dtype=np.int64)
+    ids[:p] = tokens[:p]
+    ids[p : p + K] = fill_id
+    ids[p + K :] = tokens[p + 1 :]
+    mask = np.zeros(len(ids), dtype=np.uint8)
+    mask[:p] = loss_mask[:p]
+    mask[p + K :] = loss_mask[p + 1 :]
+    return ids, mask, p
+
+
 def parse_data_path(data_path: Sequence[str] | str) -> list[tuple[float | None, str]]:
     """Megatron's ``--data-path``: ``[prefix]``, ``[p1, p2, ...]`` or ``[w1, p1, w2, p2, ...]``."""
     items = data_path.split() if isinstance(data_path, str) else list(data_path)
@@ -290,19 +311,10 @@ class BatchCollator:
             raise ValueError(f"{s.describe()} has {len(where)} image placeholders; one image per sample")
         if len(where) == 1 and s.image is None:
             raise ValueError(f"{s.describe()} has an image placeholder but no stored image")
-        if len(where) == 0:
-            if s.image is not None:
-                raise ValueError(f"{s.describe()} has an image but no placeholder")
-            return tokens.astype(np.int64), np.asarray(s.loss_mask, dtype=np.uint8), -1
-        p, K = int(where[0]), self.num_image_tokens
-        ids = np.empty(len(tokens) - 1 + K, dtype=np.int64)
-        ids[:p] = tokens[:p]
-        ids[p : p + K] = self.pad_token_id
-        ids[p + K :] = tokens[p + 1 :]
-        mask = np.zeros(len(ids), dtype=np.uint8)
-        mask[:p] = s.loss_mask[:p]
-        mask[p + K :] = s.loss_mask[p + 1 :]
-        return ids, mask, p
+        if len(where) == 0 and s.image is not None:
+            raise ValueError(f"{s.describe()} has an image but no placeholder")
+        return expand_image_placeholder(tokens, s.loss_mask, num_image_tokens=self.num_image_tokens,
+                                        fill_id=self.pad_token_id)
 
     def __call__(self, rows: Sequence[Sequence[Sample]]) -> dict[str, Any]:
         B, S, K = len(rows), self.seq_length, self.num_image_tokens

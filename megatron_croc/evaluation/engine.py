@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from megatron_croc.data.constants import IMAGE_TOKEN_ID
+from megatron_croc.data.dataset import expand_image_placeholder
 from megatron_croc.evaluation.metrics import (
     DEFAULT_QUESTION_TYPE,
     Score,
@@ -240,19 +241,6 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     padded = np.concatenate([[0], mask.astype(np.int8), [0]])
     edges = np.flatnonzero(np.diff(padded))
     return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
-
-
-def _expand(tokens: np.ndarray, mask: np.ndarray, image_id: int, k: int) -> tuple[list[int], np.ndarray]:
-    ids: list[int] = []
-    sup: list[int] = []
-    for t, m in zip(tokens.tolist(), mask.tolist()):
-        if t == IMAGE_TOKEN_ID:
-            ids += [image_id] * k
-            sup += [0] * k
-        else:
-            ids.append(t)
-            sup.append(int(m))
-    return ids, np.asarray(sup, dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,15 +485,15 @@ class _Evaluation:
         first, end = runs[0]
         if (tokens[:first] == IMAGE_TOKEN_ID).sum() != (tokens == IMAGE_TOKEN_ID).sum():
             raise EvalError(f"{s.describe()}: the image comes after the first answer; not a single-question sample")
-        full, sup = _expand(tokens, mask, image_id, k)
-        prompt, _ = _expand(tokens[:first], mask[:first], image_id, k)
+        full, sup, _ = expand_image_placeholder(tokens, mask, num_image_tokens=k, fill_id=image_id)
+        prompt = full[: int(np.flatnonzero(sup)[0])]  # the image comes before the first answer (checked above)
         reference = tokens[first:end].tolist()
         while reference and reference[-1] in stop_ids:
             reference.pop()
         text_ids = [t for t in tokens[:first].tolist() if t != IMAGE_TOKEN_ID]
-        return _Item(index=s.index, sample_id=s.sample_id, full_ids=full, supervised=sup, prompt_ids=prompt,
-                     prompt_text_ids=text_ids,
-                     has_image=s.image is not None, reference_ids=reference, multi_turn=len(runs) > 1, ref=ref)
+        return _Item(index=s.index, sample_id=s.sample_id, full_ids=full.tolist(), supervised=sup,
+                     prompt_ids=prompt.tolist(), prompt_text_ids=text_ids, has_image=s.image is not None,
+                     reference_ids=reference, multi_turn=len(runs) > 1, ref=ref)
 
     # -- the model --
 

@@ -73,12 +73,6 @@ def fact_hits(answer: str, facts: Sequence[str]) -> list[bool]:
     return hits
 
 
-def fact_recall(answer: str, facts: Sequence[str]) -> float:
-    """The fraction of ``facts`` present in ``answer`` (see :func:`fact_hits`); 1.0 for no facts."""
-    hits = fact_hits(answer, facts)
-    return sum(hits) / len(hits) if hits else 1.0
-
-
 @dataclass(kw_only=True, frozen=True)
 class Score:
     correct: bool
@@ -86,7 +80,8 @@ class Score:
 
 
 def score_answer(answer: str, reference: str, facts: Sequence[str] | None = None) -> Score:
-    """Exact match, or (with ``facts``) all facts present and the fact recall."""
+    """Exact match, or (with ``facts``) all facts present and the fact recall (the fraction of
+    facts present; 1.0 for an empty list)."""
     if facts is None:
         return Score(correct=exact_match(answer, reference))
     hits = fact_hits(answer, facts)

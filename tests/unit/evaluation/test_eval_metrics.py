@@ -10,7 +10,6 @@ from megatron_croc.evaluation.metrics import (
     Score,
     exact_match,
     fact_hits,
-    fact_recall,
     format_table,
     normalize_answer,
     score_answer,
@@ -43,13 +42,13 @@ def test_exact_match():
 def test_fact_recall_is_whole_word():
     answer = "There are two shapes: a large red circle at the top left and a small blue square."
     assert fact_hits(answer, ["red", "top left", "blue square", "green"]) == [True, True, True, False]
-    assert fact_recall(answer, ["red circle", "green"]) == 0.5
+    assert score_answer(answer, "", ["red circle", "green"]).fact_recall == 0.5
     # substrings of words do not count
     assert fact_hits("a redder circle", ["red"]) == [False]
     assert fact_hits("the topleft corner", ["top left"]) == [False]
     assert fact_hits("red", ["red"]) == [True]  # at both ends of the answer
     assert fact_hits("at the Top-Left.", ["top left"]) == [True]  # normalised both sides
-    assert fact_recall("anything", []) == 1.0
+    assert score_answer("anything", "", []).fact_recall == 1.0
     with pytest.raises(ValueError, match="empty once normalised"):
         fact_hits("x", ["the"])
 
