@@ -115,7 +115,7 @@ variant() {  # variant SEED VARIANT: stage 1.5 from align, instruct from it, eva
     stage "$seed" "instruct-$variant" instruct "$INSTRUCT_DATA" "$INSTRUCT_ITERS" "$from" "${LR_STAGE[@]}"
   if [ ! -f "$dir/eval-$variant/summary.json" ]; then
     timed "$seed" "eval-$variant" "$dir/eval-$variant.log" "$PYTHON" tools/evaluate.py \
-      --load "$dir/$evaluated" --model tiny --data-path "$EVAL_DATA" --output-dir "$dir/eval-$variant" \
+      --load "$dir/$evaluated" --model tiny --data-path "$EVAL_DATA" --output-dir "$dir/eval-$variant" --overwrite \
       --no-progress ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"}
   fi
 }

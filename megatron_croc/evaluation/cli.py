@@ -4,6 +4,7 @@ preprocessed evaluation set."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Sequence
 
@@ -37,9 +38,10 @@ checkpoint, data path, counts, wall time). Exits 2 on inputs it cannot use."""
 
 EXAMPLES = """\
 examples:
-  # a training run's checkpoint (latest iteration), on the demo validation set
-  python tools/evaluate.py --load outputs/croc_run/checkpoints --model tiny \\
-      --data-path DEMO_VAL/demo --output-dir outputs/croc_run/eval
+  # a training run's checkpoint (latest iteration) on the recipe's held-out split
+  python tools/make_demo_data.py --recipe --output-dir demo_data --seed 1   # prints EVAL_DATA=...
+  python tools/evaluate.py --load outputs/croc_recipe/seed1/instruct-croc --model tiny \\
+      --data-path EVAL_DATA --output-dir eval/croc
   # an HF export, the first 100 samples, on the CPU
   python tools/evaluate.py --hf hf/croc-demo --data-path data/eval --limit 100 --device cpu --output-dir eval/
 """
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N samples only")
     run = p.add_argument_group("run")
     run.add_argument("--output-dir", default=None, help="write answers.jsonl and summary.json here")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the answers.jsonl and summary.json an earlier evaluation left in --output-dir")
     run.add_argument("--batch-size", type=int, default=16, help="samples per forward / generate call (default: 16)")
     run.add_argument("--max-new-tokens", type=int, default=64, help="greedy answer length limit (default: 64)")
     run.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available, else cpu)")
@@ -90,14 +94,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = EvalConfig(
         data_path=args.data_path, hf_dir=args.hf, load=args.load, model=args.model, vocab_size=args.vocab_size,
         iteration=args.iteration, save_hf=args.save_hf, references=args.references, output_dir=args.output_dir,
+        overwrite=args.overwrite,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit, device=args.device,
         progress=not args.no_progress,
     )
+    # SIGTERM (an operator, a scheduler) ends the run as Ctrl-C does: the temporary export is removed
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         result = evaluate(config)
     except (EvalError, ConvertError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(result.table())
     where = f"; answers and summary in {result.output_dir}" if result.output_dir else ""
     print(f"{result.num_samples} samples in {result.seconds:.1f} s{where}")

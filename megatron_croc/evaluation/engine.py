@@ -74,6 +74,7 @@ class EvalConfig:
     save_hf: str | None = None  # --load: keep the export in this (new) folder instead of a temporary one
     references: list[str] | None = None  # LLaVA JSON/JSONL files with the records (default: the set's inputs)
     output_dir: str | None = None  # answers.jsonl and summary.json go here (nothing written when None)
+    overwrite: bool = False  # replace an earlier evaluation's files in output_dir
     batch_size: int = 16
     max_new_tokens: int = 64
     limit: int | None = None  # evaluate the first N samples only
@@ -262,6 +263,8 @@ class _Evaluation:
             raise EvalError("--save-hf keeps the export that --load makes; with --hf there is none")
         if cfg.batch_size < 1 or cfg.max_new_tokens < 1 or (cfg.limit is not None and cfg.limit < 1):
             raise EvalError("--batch-size, --max-new-tokens and --limit must be >= 1")
+        if cfg.output_dir is not None:
+            _check_output_dir(Path(cfg.output_dir), overwrite=cfg.overwrite)
 
         device = self._device()
         dataset, meta = self._open_data()
@@ -597,13 +600,31 @@ def _cut(ids: list[int], stop_ids: set[int]) -> list[int]:
     return ids
 
 
+def _check_output_dir(out: Path, *, overwrite: bool) -> None:
+    """Before any work: an earlier evaluation's files are replaced only when asked."""
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--output-dir {out} is a file, not a folder")
+    held = [name for name in (ANSWERS_FILE, SUMMARY_FILE) if (out / name).exists()]
+    if held and not overwrite:
+        raise EvalError(f"--output-dir {out} already holds an evaluation ({', '.join(held)}); choose another folder, "
+                        "or pass --overwrite to replace it")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_outputs(result: EvalResult, output_dir: str | os.PathLike) -> None:
+    """answers.jsonl, then summary.json, each replaced in one step: a summary.json is only ever
+    beside the answers it summarises."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ANSWERS_FILE, "w", encoding="utf-8") as f:
-        for a in result.answers:
-            f.write(json.dumps(a.to_json(), ensure_ascii=False) + "\n")
+    (out / SUMMARY_FILE).unlink(missing_ok=True)
+    _write_atomically(out / ANSWERS_FILE, "".join(json.dumps(a.to_json(), ensure_ascii=False) + "\n"
+                                                  for a in result.answers))
     summary = result.summary_json()
     if not math.isfinite(summary["lm_loss"]):
         summary["lm_loss"] = None
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    _write_atomically(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")

@@ -298,3 +298,52 @@ def test_code_shipped_in_an_hf_folder_never_runs(setup, tmp_path, capsys):
                  "--no-progress", "--device", "cpu"]) == 0
     assert not marker.exists()
     assert "overall" in capsys.readouterr().out
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_unless_overwrite(setup, tmp_path, capsys):
+    from megatron_croc.evaluation.cli import main
+
+    out = tmp_path / "eval"
+    argv = ["--hf", str(setup["hf"]), "--data-path", setup["prefix"], "--limit", "2", "--max-new-tokens", "2",
+            "--no-progress", "--device", "cpu", "--output-dir", str(out)]
+    assert main(argv) == 0
+    first = (out / "answers.jsonl").read_text()
+    capsys.readouterr()
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: --output-dir {out} already holds an evaluation (answers.jsonl, summary.json); choose "
+                    "another folder, or pass --overwrite to replace it")
+    assert (out / "answers.jsonl").read_text() == first  # nothing lost
+    assert main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["answers.jsonl", "summary.json"]  # no partial files
+    (tmp_path / "file").write_text("x")
+    assert main([*argv[:-1], str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_sigterm_removes_the_temporary_export(setup, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    job = subprocess.Popen(
+        [sys.executable, "tools/evaluate.py", "--load", str(setup["save"]), "--model", "tiny", "--data-path",
+         setup["prefix"], "--device", "cpu", "--no-progress", "--batch-size", "1",  # slow enough to be stopped
+         "--output-dir", str(tmp_path / "out")],
+        cwd=Path(__file__).resolve().parents[3], env=dict(os.environ, TMPDIR=str(scratch)),
+        stderr=subprocess.PIPE, text=True)
+    try:
+        for line in job.stderr:
+            if line.startswith("[evaluate]") and "samples of" in line:  # exported, now evaluating
+                break
+        assert any(scratch.iterdir())  # the temporary export is there
+        job.send_signal(signal.SIGTERM)
+        job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 128 + signal.SIGTERM
+    assert not list(scratch.iterdir()) and not (tmp_path / "out" / "summary.json").exists()
