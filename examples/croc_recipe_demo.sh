@@ -151,6 +151,10 @@ jobs_list() {  # the main variants seed by seed in turn (so JOBS seeds start at 
   for v in $EXTRA_VARIANTS; do for seed in $EXTRA_SEEDS; do echo "$seed $v"; done; done
 }
 
+for v in $VARIANTS $EXTRA_VARIANTS; do  # a typo fails now, not after the first stages
+  case "$v" in untrained|none|caption) ;; *) croc_flags "$v" >/dev/null || exit 2 ;; esac
+done
+
 echo "recipe: seeds [$SEEDS], variants [$VARIANTS], extra variants [$EXTRA_VARIANTS] on seeds [$EXTRA_SEEDS]," \
      "$JOBS runs at once; outputs in $OUT"
 start=$SECONDS

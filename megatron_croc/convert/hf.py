@@ -975,7 +975,9 @@ def megatron_to_hf(
     if missing:
         problems.append(f"{len(missing)} tensors of the model are not in the checkpoint, e.g. {missing[:3]}")
     if problems:
-        raise ConvertError(f"{ckpt} does not match the model ({model}):\n  " + "\n  ".join(problems[:20]))
+        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise ConvertError(f"{ckpt} does not match the model --model {model} builds; pass the preset the checkpoint "
+                           "was trained with:\n  " + "\n  ".join(problems[:5]) + more)
     out_dtype = _export_dtype(dtype, record, reader, names)
 
     # -- tokenizer, image processor and the <image> token: loaded before anything is written --

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 
 from megatron_croc.data.constants import IMAGE_TOKEN_ID
-from megatron_croc.data.dataset import expand_image_placeholder
 from megatron_croc.evaluation.metrics import (
     DEFAULT_QUESTION_TYPE,
     Score,
@@ -488,6 +487,10 @@ class _Evaluation:
         first, end = runs[0]
         if (tokens[:first] == IMAGE_TOKEN_ID).sum() != (tokens == IMAGE_TOKEN_ID).sum():
             raise EvalError(f"{s.describe()}: the image comes after the first answer; not a single-question sample")
+        # imported here: data.dataset imports megatron-core, which warns before the CLI has
+        # silenced its known warnings (megatron_croc.quiet)
+        from megatron_croc.data.dataset import expand_image_placeholder
+
         full, sup, _ = expand_image_placeholder(tokens, mask, num_image_tokens=k, fill_id=image_id)
         prompt = full[: int(np.flatnonzero(sup)[0])]  # the image comes before the first answer (checked above)
         reference = tokens[first:end].tolist()

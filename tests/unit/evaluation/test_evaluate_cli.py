@@ -335,10 +335,13 @@ def test_sigterm_removes_the_temporary_export(setup, tmp_path):
          "--output-dir", str(tmp_path / "out")],
         cwd=Path(__file__).resolve().parents[3], env=dict(os.environ, TMPDIR=str(scratch)),
         stderr=subprocess.PIPE, text=True)
+    seen = []
     try:
         for line in job.stderr:
+            seen.append(line)
             if line.startswith("[evaluate]") and "samples of" in line:  # exported, now evaluating
                 break
+        assert not [x for x in seen if "Warning" in x], seen  # known third-party warnings stay silent
         assert any(scratch.iterdir())  # the temporary export is there
         job.send_signal(signal.SIGTERM)
         job.communicate(timeout=60)
@@ -347,3 +350,14 @@ def test_sigterm_removes_the_temporary_export(setup, tmp_path):
             job.kill()
     assert job.returncode == 128 + signal.SIGTERM
     assert not list(scratch.iterdir()) and not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_a_checkpoint_of_another_model_is_named_with_the_flag(setup, capsys):
+    from megatron_croc.evaluation.cli import main
+
+    assert main(["--load", str(setup["save"]), "--model", "vicuna-7b", "--data-path", setup["prefix"],
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and "does not match the model --model vicuna-7b builds" in errors[0], err
+    assert len(err) <= 1 + 1 + 5 + 1  # the [evaluate] line, the error, 5 examples, "... and N more"
