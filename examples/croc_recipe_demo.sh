@@ -140,7 +140,9 @@ job() {  # job SEED VARIANT: the seed's data, lm and align (once: the first of i
     stage "$seed" lm instruct "$TEXT_DATA" "$LM_ITERS" - "${LR_LM[@]}"
     stage "$seed" align align "$CAPTION_DATA" "$ALIGN_ITERS" lm "${LR_LM[@]}"
   ) 9>"$OUT/seed$seed/.base.lock"
-  seed_data "$seed"
+  # the data prefixes the block above (re)wrote, into this shell
+  # shellcheck disable=SC1090
+  source "$OUT/data/recipe_seed$seed.env"
   variant "$seed" "$variant"
   echo "recipe: seed $seed, $variant done"
 }
