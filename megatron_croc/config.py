@@ -39,6 +39,8 @@ class VisionConfig:
     ffn_hidden_size: int
     layernorm_epsilon: float = 1e-5
     frozen: bool = True
+    # A frozen encoder's forward replays CUDA graphs on a GPU (models.vision; --no-vision-cuda-graph).
+    cuda_graph: bool = True
 
     @property
     def num_image_tokens(self) -> int:
@@ -84,10 +86,8 @@ class CrocConfig:
     stage: Stage = "croc"
     pool_size: int = 2048
     mask_ratio: float = 0.75
+    # "hungarian": exact, solved by scipy on the host (models.matching); "nearest": argmin.
     matcher: Matcher = "hungarian"
-    # "auto": scipy, all samples of a micro-batch concurrently, until the batched GPU solver
-    # ("gpu") is measured faster (models.matching.resolve_solver).
-    assignment_solver: Literal["auto", "scipy", "gpu"] = "auto"
     # Solve micro-batch m+1's assignment on the host while the device computes micro-batch m
     # (within one optimizer step; training.step). Same result, the solve off the critical path.
     assignment_lookahead: bool = True
@@ -141,6 +141,10 @@ class ModelConfig:
     # Kernel options that need TransformerEngine or apex; refused without them.
     apply_rope_fusion: bool = False
     gradient_accumulation_fusion: bool = False
+    # The route of the mixed (visual/prefix) attention, models.attention.BACKEND_CHOICES: "auto"
+    # (FlexAttention on CUDA, SDPA with the dense mask elsewhere), "flex", "split" (causal flash +
+    # the image rows; unpacked micro-batches, others take auto's route), "sdpa".
+    attention_backend: Literal["auto", "flex", "split", "sdpa"] = "auto"
     # Activation recomputation, as Megatron's --recompute-* flags (validate() checks the
     # combination): "selective" recomputes parts of every layer (recompute_modules; megatron-core's
     # default: core attention); "full" recomputes whole layers, either in chunks of
@@ -234,8 +238,13 @@ def model_preset(name: str, **overrides: object) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def validate(config: ModelConfig, *, has_te: bool, has_apex: bool) -> None:
+def validate(config: ModelConfig, *, has_te: bool, has_apex: bool, has_cuda: bool = True) -> None:
     """Refuse, at argument time, what cannot work on this machine or with these sizes."""
+    if config.attention_backend == "flex" and not has_cuda:
+        raise ConfigError(
+            "--attention-backend flex needs a CUDA GPU (FlexAttention has no backward on a CPU); "
+            "use --attention-backend auto or sdpa here."
+        )
     needs_te = {
         "--fp8-format": config.precision.fp8_format is not None,
         "--apply-rope-fusion": config.apply_rope_fusion,
@@ -250,6 +259,11 @@ def validate(config: ModelConfig, *, has_te: bool, has_apex: bool) -> None:
         raise ConfigError(
             "--gradient-accumulation-fusion needs apex or TransformerEngine on a CUDA GPU; "
             "drop the flag on this machine."
+        )
+    if config.attention_backend == "split" and config.croc.attention == "prefix":
+        raise ConfigError(
+            "--attention-backend split covers the visual mixed attention (and causal rows), not "
+            "--croc-attention prefix; use --attention-backend auto, flex or sdpa with it."
         )
     _validate_recompute(config)
     lm, tp, pp = config.language, config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size

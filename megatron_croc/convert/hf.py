@@ -81,6 +81,7 @@ __all__ = [
     "vision_config_from_hf",
     "model_config_from_hf",
     "check_against_preset",
+    "llava_config",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -1055,7 +1056,7 @@ def megatron_to_hf(
             from safetensors.torch import save_file
 
             save_file(extras, str(tmp / EXTRAS_FILE), metadata={"format": "pt"})
-        llava_cfg = _llava_config(
+        llava_cfg = llava_config(
             config, text_dict, vision_dict, vision_layers_out=vision_layers_out, feature_layer=feature_layer,
             image_id=image_id, added_row=added_row, hf_rows=hf_rows, dtype=out_dtype,
             record={"stage": config.croc.stage, "pool_size": pool_size if has_pool else None},
@@ -1116,8 +1117,11 @@ def _groups(names: list[str]) -> list[list[str]]:
     return [rest] + [layered[k] for k in sorted(layered, key=lambda k: (k[0] != "vision.encoder.decoder", k[1]))]
 
 
-def _llava_config(config: ModelConfig, text_dict, vision_dict, *, vision_layers_out, feature_layer, image_id,
-                  added_row, hf_rows, dtype, record):
+def llava_config(config: ModelConfig, text_dict, vision_dict, *, vision_layers_out, feature_layer, image_id,
+                 added_row, hf_rows, dtype, record):
+    """The transformers ``LlavaConfig`` of an export of ``config``: the HF text/vision configs
+    of the source model where known (``text_dict``/``vision_dict``), else built from our sizes.
+    Also used by bench/bench_step.py to build the paper's-stack baseline at our sizes."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     lm, vis = config.language, config.vision

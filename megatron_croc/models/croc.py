@@ -35,7 +35,7 @@ from megatron_croc.config import (
 from megatron_croc.models import specs
 from megatron_croc.models.attention import AttentionLayout
 from megatron_croc.models.initialization import initial_value, initialize_parameters
-from megatron_croc.models.matching import PendingAssignment, assign_async, resolve_solver
+from megatron_croc.models.matching import PendingAssignment, assign_async
 from megatron_croc.models.prompt_pool import PromptPool, draw_mask_positions
 from megatron_croc.models.vision import VisionTower
 
@@ -307,7 +307,6 @@ class CrocModel(MegatronModule):
         solving ahead takes the solve and its device sync off the GPU's critical path."""
         return (
             self.pool is not None and self.vision.frozen and self.croc.matcher == "hungarian"
-            and resolve_solver(self.croc.assignment_solver) == "scipy"
         )
 
     def prefetch_visual(self, images: torch.Tensor, image_keys: torch.Tensor) -> VisualPrefetch | None:
@@ -320,7 +319,7 @@ class CrocModel(MegatronModule):
         Returns None for a micro-batch without images.
         """
         if not self.prefetches_visual:
-            raise RuntimeError("prefetch_visual needs the pool, a frozen encoder and the scipy solver "
+            raise RuntimeError("prefetch_visual needs the pool, a frozen encoder and the Hungarian matcher "
                                "on this model chunk (see prefetches_visual)")
         if images is None or images.shape[0] == 0:
             return None
@@ -340,8 +339,7 @@ class CrocModel(MegatronModule):
         tp_group = None
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             tp_group = parallel_state.get_tensor_model_parallel_group()
-        assignment = assign_async(self.pool.cost(visual, positions), method=self.croc.matcher,
-                                  solver=self.croc.assignment_solver, group=tp_group)
+        assignment = assign_async(self.pool.cost(visual, positions), method=self.croc.matcher, group=tp_group)
         return positions, assignment
 
     def _embed(self, tokens, position_ids, visual_index, images, image_keys, prefetch):

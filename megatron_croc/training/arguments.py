@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "tools/preprocess_data.py). A larger value is kept, e.g. to match a converted checkpoint; "
                         "a smaller one is an error")
     g.add_argument("--unfreeze-vision", action="store_true", help="train the vision encoder too (frozen by default)")
+    g.add_argument("--vision-cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a GPU at tensor-parallel size 1, replay the frozen vision encoder's forward as CUDA "
+                        "graphs, one per image count (the same kernels; --no-vision-cuda-graph runs it eagerly)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
                    help="activation recomputation: 'full' recomputes whole LLM layers in backward "
                         "(see --recompute-method), 'selective' parts of each layer (--recompute-modules) "
@@ -115,9 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--croc-matcher", choices=["hungarian", "nearest"], default="hungarian",
                    help="visual token -> pool entry assignment: one-to-one Hungarian (the paper), or "
                         "many-to-one nearest entry (the released code)")
-    g.add_argument("--croc-assignment-solver", choices=["auto", "scipy", "gpu"], default="auto",
-                   help="Hungarian solver: scipy on the host, the batched GPU solver, or auto (scipy with "
-                        "look-ahead)")
     g.add_argument("--croc-assignment-lookahead", action=argparse.BooleanOptionalAction, default=True,
                    help="solve the next micro-batch's assignment on the host while the current one runs "
                         "(same result; --no-croc-assignment-lookahead solves it inside each forward)")
@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--apply-rope-fusion", action="store_true", help="TransformerEngine's fused RoPE kernel")
     g.add_argument("--gradient-accumulation-fusion", action="store_true",
                    help="fused weight-gradient accumulation (needs apex or TransformerEngine)")
+    g.add_argument("--attention-backend", choices=["auto", "flex", "split", "sdpa"], default="auto",
+                   help="mixed-attention route (croc stage): flex (FlexAttention block mask), split (causal "
+                        "flash attention + each image's rows recomputed; micro-batches without packing, others "
+                        "take auto's route), sdpa (dense boolean mask), auto (flex on CUDA, sdpa on the CPU)")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=None,
@@ -288,7 +292,6 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
         pool_size=args.croc_pool_size or base.croc.pool_size,
         mask_ratio=args.croc_mask_ratio,
         matcher=args.croc_matcher,
-        assignment_solver=args.croc_assignment_solver,
         assignment_lookahead=args.croc_assignment_lookahead,
         attention=args.croc_attention,
         vtr_weight=args.croc_vtr_weight,
@@ -306,6 +309,8 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
     vision = base.vision
     if args.unfreeze_vision:
         vision = dataclasses.replace(vision, frozen=False)
+    if not args.vision_cuda_graph:
+        vision = dataclasses.replace(vision, cuda_graph=False)
     model = base.replace(
         vision=vision,
         language=language,
@@ -319,6 +324,7 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int = 1) -> Tra
         precision=PrecisionConfig(bf16=args.bf16, fp8_format=args.fp8_format, fp8_recipe=args.fp8_recipe),
         apply_rope_fusion=args.apply_rope_fusion,
         gradient_accumulation_fusion=args.gradient_accumulation_fusion,
+        attention_backend=args.attention_backend,
         recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method,
         recompute_num_layers=(1 if args.recompute_num_layers is None and args.recompute_granularity == "full"

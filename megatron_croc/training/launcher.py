@@ -184,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         nnodes = _env_int("NNODES") or 1
         config = parse_args(trainer_argv, world_size=nproc * nnodes)
         platform = init_platform()
-        plan = plan_run(config, has_te=platform.has_te, has_apex=platform.has_apex)
+        plan = plan_run(config, has_te=platform.has_te, has_apex=platform.has_apex,
+                        has_cuda=platform.has_cuda)
     except ConfigError as err:
         hint = ""
         if "--save" in str(err) and "chose_save" in locals() and chose_save:

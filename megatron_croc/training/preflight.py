@@ -37,9 +37,10 @@ class RunPlan:
     nothing_to_do: str | None = None
 
 
-def plan_run(config: TrainConfig, *, has_te: bool, has_apex: bool, build_demo_data: bool = True) -> RunPlan:
+def plan_run(config: TrainConfig, *, has_te: bool, has_apex: bool, has_cuda: bool = True,
+             build_demo_data: bool = True) -> RunPlan:
     """Check ``config`` against the machine and the files; raise ConfigError with the fix."""
-    validate(config.model, has_te=has_te, has_apex=has_apex)
+    validate(config.model, has_te=has_te, has_apex=has_apex, has_cuda=has_cuda)
     notes = list(config.notes)
     config = _resolve_data(config, build_demo_data=build_demo_data)
     config, load_notes, resume, common = _resolve_checkpoints(config)

@@ -203,7 +203,8 @@ def train(config: TrainConfig, *, plan: "RunPlan | None" = None) -> dict[str, ob
 
     platform = init_platform()
     if plan is None:
-        plan = plan_run(config, has_te=platform.has_te, has_apex=platform.has_apex)
+        plan = plan_run(config, has_te=platform.has_te, has_apex=platform.has_apex,
+                        has_cuda=platform.has_cuda)
     config = plan.config
     if plan.nothing_to_do:
         return {"history": [], "last_checkpoint": None, "wall_time_s": 0.0, "iteration": plan.resume_iteration,
@@ -305,7 +306,8 @@ def _train_loop(config, plan, platform, chunks, optimizer, scheduler, exits, *, 
 
     _rank0_print(
         f"training {model_config.croc.stage} stage: TP={model_config.parallel.tensor_model_parallel_size} "
-        f"PP={model_config.parallel.pipeline_model_parallel_size} DP={dp}, {num_microbatches} micro-batches of "
+        f"PP={model_config.parallel.pipeline_model_parallel_size} DP={dp} on {platform.device.type} "
+        f"({platform.backend}), {num_microbatches} micro-batches of "
         f"{config.micro_batch_size} x {config.data.seq_length} tokens per step, iterations "
         f"{iteration + 1}..{config.train_iters}"
     )
@@ -429,7 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from megatron_croc.training.preflight import plan_run
 
         platform = init_platform()
-        plan = plan_run(config, has_te=platform.has_te, has_apex=platform.has_apex)
+        plan = plan_run(config, has_te=platform.has_te, has_apex=platform.has_apex,
+                        has_cuda=platform.has_cuda)
     except ConfigError as err:
         if first_rank:  # every rank finds the same; one says it
             print(f"error: {err}", file=sys.stderr, flush=True)

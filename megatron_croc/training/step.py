@@ -9,7 +9,7 @@ import torch
 from megatron.core.utils import unwrap_model
 
 from megatron_croc.config import ModelConfig
-from megatron_croc.models.attention import build_attention_layout
+from megatron_croc.models.attention import build_attention_layout, plan_split
 from megatron_croc.models.croc import CrocModel, CrocOutputs, croc_loss
 from megatron_croc.platform import host_to_device
 from megatron_croc.training.fault_injection import FaultPlan
@@ -27,13 +27,16 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Te
     """The model's inputs on ``device`` (image keys stay on the host), plus what the step
     would otherwise read back from the device, found on the host where the loader's batch is:
     ``visual_index``, the visual positions as flat indices (their count is checked on every
-    stage), and ``one_sample_per_row`` (plain causal attention needs no mask)."""
+    stage), ``one_sample_per_row`` (plain causal attention needs no mask) and ``split_plan``
+    (whether and how the split attention route applies: models.attention.plan_split)."""
+
     missing = [k for k in MODEL_INPUTS if k not in batch]
     if missing:
         raise KeyError(f"the batch lacks {missing}; is the data loader megatron_croc.data's?")
     moved = {k: batch[k] if k in HOST_INPUTS else host_to_device(batch[k], device) for k in MODEL_INPUTS}
     moved["visual_index"] = host_to_device(batch["visual_mask"].flatten().nonzero().squeeze(1), device)
     moved["one_sample_per_row"] = bool((batch["segment_ids"] == 1).all())
+    moved["split_plan"] = plan_split(batch["segment_ids"], batch["visual_mask"])
     moved["num_samples"] = int(batch["segment_ids"].amax(dim=1).sum())  # segments are numbered 1..n per row
     return moved
 
@@ -116,7 +119,8 @@ def make_forward_step(model_config: ModelConfig, device: torch.device, stats: St
         layout = build_attention_layout(
             model_config.croc.attention_variant, segment_ids=batch["segment_ids"],
             visual_mask=batch["visual_mask"], loss_mask=batch["loss_mask"],
-            one_sample_per_row=batch["one_sample_per_row"],
+            one_sample_per_row=batch["one_sample_per_row"], backend=model_config.attention_backend,
+            split_plan=batch["split_plan"], visual_index=batch["visual_index"],
         )
         if croc_model.post_process:  # counted where the losses are reported
             stats.num_images += len(batch["image_sample_ids"])  # one key per image, on the host

@@ -21,12 +21,11 @@ ROWS = [  # packing, padding, a text-only sample
 SEQ = 48
 
 
-def make_config(*, bf16: bool = False, solver: str = "scipy"):
-    """Tiny Croc stage. The equivalence test pins the scipy solver on both devices (the same
-    exact optimum); the bf16 test runs the batched GPU solver ("gpu")."""
+def make_config(*, bf16: bool = False):
+    """Tiny Croc stage (the Hungarian assignment: scipy's exact optimum on either device)."""
     from megatron_croc.config import CrocConfig, PrecisionConfig, model_preset
 
-    return model_preset("tiny", croc=CrocConfig(stage="croc", pool_size=64, assignment_solver=solver),
+    return model_preset("tiny", croc=CrocConfig(stage="croc", pool_size=64),
                         precision=PrecisionConfig(bf16=bf16))
 
 

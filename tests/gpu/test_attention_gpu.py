@@ -38,12 +38,8 @@ OTHER_ROWS = [  # a different micro-batch of the same shape
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 means fp32 here (FlexAttention follows the matmul precision setting)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+def _no_tf32(no_tf32):
+    """fp32 means fp32 in every test here (conftest's no_tf32)."""
 
 
 def _layout(variant, rows=ROWS, backend=None, seed=0):
@@ -170,3 +166,84 @@ def test_plain_causal_without_layout_uses_sdpa_and_matches_the_reference():
     assert _rel(out, ref_out) < FP32_TOL
     for g, r in zip(grads, ref_grads):
         assert _rel(g, r) < FP32_TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# the split route (causal flash + each image's rows) and the host-sync budget of the layouts
+# ---------------------------------------------------------------------------------------------
+
+SPLIT_ROWS = {  # one sample per row, right padding, a row without an image
+    "images end together": [
+        [dict(prompt=9, image=True, question=4, answer=100)],
+        [dict(prompt=9, image=True, question=0, answer=30)],
+        [dict(prompt=40, image=False, question=0, answer=60)],
+    ],
+    "images end apart": [
+        [dict(prompt=9, image=True, question=4, answer=100)],
+        [dict(prompt=0, image=True, question=1, answer=150)],
+        [dict(prompt=70, image=True, question=0, answer=10)],
+    ],
+}
+
+
+def _routed(layout):
+    return lambda q, k, v: attention(q, k, v, layout, causal=True, scale=DIM**-0.5)
+
+
+def _split_inputs(rows, seed=0):
+    from megatron_croc.models.attention import plan_split
+
+    batch = synthetic_batch(num_image_tokens=T, image_size=1, vocab_size=100, seq_length=S, rows=rows, seed=seed)
+    host = {k: batch[k] for k in ("segment_ids", "visual_mask", "loss_mask")}
+    plan = plan_split(host["segment_ids"], host["visual_mask"])
+    index = host["visual_mask"].flatten().nonzero().squeeze(1).cuda()
+    return {k: v.cuda() for k, v in host.items()}, plan, index
+
+
+@pytest.mark.parametrize("name", list(SPLIT_ROWS))
+def test_split_route_is_exact_on_real_queries_fp32(name):
+    """Non-padding outputs, and q/k/v gradients of a loss that ignores padding queries, against
+    the float64 reference with the dense mask (padding queries attend causally on this route)."""
+    cuda, plan, index = _split_inputs(SPLIT_ROWS[name])
+    layout = build_attention_layout("visual", backend="split", split_plan=plan, visual_index=index, **cuda)
+    assert layout.backend == "split" and (layout.split.key_mask is None) == ("together" in name)
+    q, k, v, dout = _qkv(torch.float32, seed=5)
+    real = (cuda["segment_ids"] > 0)[:, None, :, None]
+    out, grads = _run(_routed(layout), q, k, v, dout * real)
+    ref_out, ref_grads = _reference(q, k, v, dout * real, build_attention_layout("visual", backend="sdpa", **cuda)
+                                    .dense_mask())
+    assert _rel(out * real, ref_out * real) < FP32_TOL
+    for g, r in zip(grads, ref_grads):
+        assert _rel(g, r) < FP32_TOL
+
+
+def test_split_route_bf16_is_close_to_the_fp64_reference():
+    cuda, plan, index = _split_inputs(SPLIT_ROWS["images end together"])
+    layout = build_attention_layout("visual", backend="split", split_plan=plan, visual_index=index, **cuda)
+    q, k, v, dout = _qkv(torch.bfloat16, seed=6)
+    real = (cuda["segment_ids"] > 0)[:, None, :, None]
+    out, grads = _run(_routed(layout), q, k, v, dout * real)
+    ref_out, ref_grads = _reference(q, k, v, dout * real, build_attention_layout("visual", backend="sdpa", **cuda)
+                                    .dense_mask())
+    assert _rel(out * real, ref_out * real) < 2e-2
+    for g, r in zip(grads, ref_grads):
+        assert _rel(g, r) < 3e-2
+
+
+def test_layouts_and_the_split_route_never_sync_the_host():
+    """A micro-batch's layout (ranges, block mask, split route) and the split route's fwd+bwd
+    queue work without the host waiting for the device."""
+    q, k, v, dout = _qkv(torch.float32, seed=7)
+    warm, plan, index = _split_inputs(SPLIT_ROWS["images end apart"])
+    for variant in ("visual", "prefix"):  # compiles create_block_mask (outside the check)
+        build_attention_layout(variant, **warm).block_mask()
+    cuda, plan, index = _split_inputs(SPLIT_ROWS["images end apart"], seed=1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for variant in ("visual", "prefix"):
+            build_attention_layout(variant, **cuda).block_mask()
+        split = build_attention_layout("visual", backend="split", split_plan=plan, visual_index=index, **cuda)
+        _routed(split)(q, k, v).backward(dout)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

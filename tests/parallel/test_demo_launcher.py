@@ -21,7 +21,7 @@ def test_demo_launcher_end_to_end(tmp_path):
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, out.stdout
     validation = re.findall(r"^validation at iteration (\d+): lm loss: ([0-9.]+) \| vtr loss: ([0-9.]+)", out.stdout, re.M)
     assert [v[0] for v in validation] == ["20", "40"], out.stdout
-    assert "PP=2" in out.stdout  # two CPU processes, one pipeline stage each
+    assert "PP=2 DP=1 on cpu (gloo)" in out.stdout  # two CPU processes, one pipeline stage each
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == "40"
     assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000020", "iter_0000040"]

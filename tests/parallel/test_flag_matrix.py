@@ -46,13 +46,13 @@ LAUNCHES = {
     ]],
     "block-recompute": [[
         "--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1",
-        "--num-layers", "4", "--unfreeze-vision", "--croc-assignment-solver", "gpu",
+        "--num-layers", "4", "--unfreeze-vision", "--attention-backend", "split", "--no-vision-cuda-graph",
         "--no-croc-assignment-lookahead", "--lr-decay-style", "constant", "--seed", "7",
         "--log-interval", "1", "--max-skipped-steps", "3", "--tensorboard-dir", "{tensorboard}", "@only-at",
     ]],
     "selective-recompute-save-load-resume-stages": [
         ["--recompute-granularity", "selective", "--recompute-modules", "core_attn", "mlp",
-         "--croc-assignment-solver", "scipy", "--lr-decay-style", "cosine", "--save", "{save}",
+         "--lr-decay-style", "cosine", "--save", "{save}",
          "--save-interval", "2", "--keep-last", "1", "--min-lr", "1e-5", "--num-layers", "4", "@only-at"],
         ["--recompute-granularity", "selective", "--load", "{save}", "--no-load-optim", "--no-load-rng",
          "--train-iters", str(ITERS + 2), "--exit-interval", str(ITERS + 1), "--min-lr", "1e-5", "--num-layers", "4",
@@ -65,8 +65,8 @@ LAUNCHES = {
         # the same stage again from those weights only: iteration 0, fresh optimizer
         ["--load", "{save}", "--finetune", "--min-lr", "1e-5", "--num-layers", "4", "@only-at"],
         ["--croc-stage", "align", "--croc-matcher", "hungarian", "--croc-attention", "visual",
-         "--croc-vtr-positions", "all", "--croc-pool-init", "token_scale", "--croc-assignment-solver", "auto",
-         "--croc-assignment-lookahead"],
+         "--croc-vtr-positions", "all", "--croc-pool-init", "token_scale",
+         "--croc-assignment-lookahead", "--attention-backend", "sdpa", "--vision-cuda-graph"],
         ["--croc-stage", "instruct", "--exit-duration-in-mins", "1e-6"],  # stops at the first iteration boundary
     ],
 }
@@ -82,6 +82,9 @@ NEEDS_GPU = {  # refused on a CPU, checked in test_options_that_need_a_gpu_are_r
     "--fp8-recipe": ["--fp8-format", "e4m3", "--fp8-recipe", "mxfp8"],
     "--apply-rope-fusion": ["--apply-rope-fusion"],
     "--gradient-accumulation-fusion": ["--gradient-accumulation-fusion"],
+}
+NEEDS_CUDA_VALUES = {  # values of a flag refused on a CPU, checked in the same test
+    ("--attention-backend", "flex"): ["--attention-backend", "flex"],
 }
 COVERED_ELSEWHERE = {
     "--help": "argparse",
@@ -174,7 +177,8 @@ def test_every_option_is_in_the_matrix():
             missing.append(flag)
         for value in action.choices or ():
             # the default value runs wherever the flag is not given
-            if value not in used and value != action.default and (flag, value) not in VALUES_ELSEWHERE:
+            if (value not in used and value != action.default and (flag, value) not in VALUES_ELSEWHERE
+                    and (flag, value) not in NEEDS_CUDA_VALUES):
                 missing.append(f"{flag} {value}")
     assert not missing, f"options not in the flag matrix (add them to a run, or say why not): {missing}"
 
@@ -190,3 +194,7 @@ def test_options_that_need_a_gpu_are_refused_clearly(capsys, data):
         err = capsys.readouterr().err
         named = flag if flag != "--fp8-recipe" else "--fp8-format"
         assert f"error: {named}" in err and ("TransformerEngine" in err or "apex" in err), (flag, err)
+    for (flag, value), extra in NEEDS_CUDA_VALUES.items():
+        assert main([*COMMON, "--data-path", data[0], *extra]) != 0, (flag, value)
+        err = capsys.readouterr().err
+        assert f"error: {flag} {value} needs a CUDA GPU" in err, (flag, value, err)

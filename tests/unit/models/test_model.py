@@ -130,13 +130,11 @@ def test_visual_index_from_the_host_gives_the_same_step(megatron_world):
         _run(model, config, batch, visual_index=index[:-1], backward=False)
 
 
-@pytest.mark.parametrize("setting", ["nearest", "gpu solver", "align", "unfrozen encoder"])
+@pytest.mark.parametrize("setting", ["nearest", "align", "unfrozen encoder"])
 def test_visual_prefetch_only_where_it_saves_time(megatron_world, setting):
     stage, croc = "croc", {}
     if setting == "nearest":
         croc = dict(matcher="nearest")
-    elif setting == "gpu solver":
-        croc = dict(assignment_solver="gpu")
     elif setting == "align":
         stage = "align"
     config = model_preset("tiny", croc=CrocConfig(stage=stage, pool_size=64, **croc))

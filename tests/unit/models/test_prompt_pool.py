@@ -63,7 +63,7 @@ def test_replacement_and_gradients(matcher):
     positions = draw_mask_positions(seed=1, keys=torch.tensor([5, 6, 7]), num_tokens=6, num_masked=4,
                                     device=torch.device("cpu"))
     masks = _masks(positions, 6)
-    assignment = assign(pool.cost(tokens, positions), method=matcher, solver="scipy")
+    assignment = assign(pool.cost(tokens, positions), method=matcher)
     replaced = pool(tokens, positions, assignment)
     assert assignment.shape == (3, 4)
     # masked positions hold their assigned pool entries, the others are untouched

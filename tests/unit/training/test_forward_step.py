@@ -113,7 +113,7 @@ def test_image_keys_stay_on_the_host_and_visual_positions_are_found_there():
     config = model_preset("tiny")
     batch = next(LoggedBatches(config, []))
     moved = to_device(batch, torch.device("meta"))
-    host_facts = ("one_sample_per_row", "num_samples")
+    host_facts = ("one_sample_per_row", "num_samples", "split_plan")
     assert set(moved) == set(MODEL_INPUTS) | {"visual_index", *host_facts}
     assert moved["image_sample_ids"] is batch["image_sample_ids"]
     assert all(v.is_meta for k, v in moved.items() if k not in ("image_sample_ids", *host_facts))

@@ -81,6 +81,8 @@ def test_layout_against_the_model_and_the_world():
         _plan("--tensor-model-parallel-size", "4", world_size=4)
     with pytest.raises(ConfigError, match="cannot be split evenly over 4 pipeline stages"):
         _plan("--pipeline-model-parallel-size", "4", world_size=4)
+    with pytest.raises(ConfigError, match="--attention-backend split covers the visual .* not --croc-attention prefix"):
+        _plan("--attention-backend", "split", "--croc-attention", "prefix")
 
 
 def test_checkpoint_folders(demo, tmp_path):
