@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = [
     "Platform",
     "init_platform",
+    "probe_platform",
     "get_platform",
     "te_available",
     "apex_available",
@@ -77,6 +78,18 @@ def apex_available() -> bool:
 
 
 _PLATFORM: Platform | None = None
+
+
+def probe_platform(*, force_cpu: bool = False) -> Platform:
+    """What :func:`init_platform` would decide, without its side effects: no CUDA device
+    selected (no CUDA context in the calling process), no CPU shims applied (they import
+    megatron-core: ~6 s on a slow CPU). For a process that only checks a run and then starts
+    the ranks: the launcher."""
+    force_cpu = force_cpu or os.environ.get("MEGATRON_CROC_FORCE_CPU", "0") == "1"
+    if torch.cuda.is_available() and not force_cpu:
+        return Platform(device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))), backend="nccl",
+                        has_cuda=True, has_te=te_available(), has_apex=apex_available())
+    return Platform(device=torch.device("cpu"), backend="gloo", has_cuda=False, has_te=False, has_apex=False)
 
 
 def init_platform(*, force_cpu: bool = False) -> Platform:

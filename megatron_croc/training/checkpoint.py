@@ -218,6 +218,27 @@ def _optimizer_sharded_state_dict(optimizer, model_sd: dict[str, Any], *, is_loa
     )
 
 
+def use_in_process_write_results_queue() -> None:
+    """Make dist_checkpointing's save hand its write results over a plain in-process queue.
+
+    Why: megatron-core's ``FileSystemWriterAsync`` (the torch_dist save strategy) fetches its
+    results queue from ``filesystem_async.get_write_results_queue()``, which on first use starts
+    a ``multiprocessing`` *spawn* Manager: a fresh Python interpreter per rank that re-imports
+    the training module (3.7 s of a 3.8 s first save on the dev VM), and at exit a 1 s join. The
+    queue only crosses a process boundary for asynchronous saves, which this package never
+    makes (``dist_checkpointing.save`` without ``async_sharded_save``): the writer threads and
+    the reader are in the saving process, so a ``queue.Queue`` (the same put/get_nowait) does.
+    megatron-core keeps the queue in the module global ``_results_queue`` and creates one only
+    while it is None; tests/unit/training/test_checkpoint_queue.py fails if that changes.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def _write_atomically(root: str, iteration: int, state: dict[str, Any], keep_last: int) -> Path:
     """dist_checkpointing.save into iter_XXXXXXX.tmp, rename, then move the latest-pointer.
     Collective over the default process group."""
@@ -234,6 +255,7 @@ def _write_atomically(root: str, iteration: int, state: dict[str, Any], keep_las
             shutil.rmtree(final)
         tmp.mkdir(parents=True)
     dist.barrier()
+    use_in_process_write_results_queue()
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if rank == 0:

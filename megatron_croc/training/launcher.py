@@ -177,13 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         trainer_argv, nproc, notes, chose_save = build_trainer_argv(argv, num_gpus=_num_gpus())
-        from megatron_croc.platform import init_platform
+        from megatron_croc.platform import probe_platform
         from megatron_croc.training.arguments import parse_args
         from megatron_croc.training.preflight import plan_run
 
         nnodes = _env_int("NNODES") or 1
         config = parse_args(trainer_argv, world_size=nproc * nnodes)
-        platform = init_platform()
+        platform = probe_platform()  # the ranks initialise it; this process only checks the run
         plan = plan_run(config, has_te=platform.has_te, has_apex=platform.has_apex,
                         has_cuda=platform.has_cuda)
     except ConfigError as err:
