@@ -190,8 +190,10 @@ done | tee "$OUT/status.txt"
 echo "  total $(( $(date +%s) - SUITE_START ))s; logs and JSON in $OUT"
 # BUNDLE_OUT=1: everything in one archive (the lent GPU machine brings back at most 8 files).
 if [ "${BUNDLE_OUT:-0}" = 1 ]; then
-  (cd "$OUT" && tar czf gpu_suite_out.tar.gz --exclude gpu_suite_out.tar.gz . \
-    && find . -maxdepth 1 -type f ! -name gpu_suite_out.tar.gz ! -name status.txt -delete)
+  # written outside $OUT first: tar refuses a folder that changes (its own archive) as it reads
+  ARCHIVE=$(mktemp "${TMPDIR:-/tmp}/gpu_suite_out.XXXXXX")
+  tar czf "$ARCHIVE" -C "$OUT" . && mv "$ARCHIVE" "$OUT/gpu_suite_out.tar.gz" \
+    && find "$OUT" -mindepth 1 -maxdepth 1 ! -name gpu_suite_out.tar.gz ! -name status.txt -exec rm -rf {} +
   echo "  bundled into $OUT/gpu_suite_out.tar.gz"
 fi
 exit $FAILED

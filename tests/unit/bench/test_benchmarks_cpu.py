@@ -309,6 +309,22 @@ def test_vision_benchmark_reports_the_eager_tower_and_marks_graphs_gpu_only(caps
     assert signal.getsignal(signal.SIGTERM) is before  # the benchmark's SIGTERM handler is gone again
 
 
+def test_suite_bundles_its_outputs_into_one_archive(tmp_path):
+    """BUNDLE_OUT=1 (what the lent GPU machine needs: it brings back at most 8 files): one
+    archive with every log, beside the parts' status; nothing else left in $OUT."""
+    import tarfile
+
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SUITE_PARTS="none", BUNDLE_OUT="1")
+    proc = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), "--cpu"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_suite_out.tar.gz", "status.txt"], proc.stdout[-2000:]
+    with tarfile.open(out / "gpu_suite_out.tar.gz") as archive:
+        names = {Path(n).name for n in archive.getnames()}
+    assert {"env.txt", "status.txt", "gpu_tests.log", "bench_step_7b.log"} <= names, names
+
+
 def test_init_benchmark_times_both_initialisations():
     proc = subprocess.run([sys.executable, str(BENCH / "bench_init.py"), "--tiny"], capture_output=True, text=True,
                           timeout=300, env={k: v for k, v in os.environ.items()
