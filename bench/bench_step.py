@@ -89,8 +89,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (  # noqa: E402
-    BenchInterrupted, Scopes, attribute_profile, device_name, emit_json, host_syncs, median, profile_one_call,
-    stop_on_sigterm, synchronize, time_ms, wall_ms,
+    BenchInterrupted, Scopes, attribute_profile, device_name, emit_json, host_syncs, matmul_tflops, median,
+    profile_one_call, stop_on_sigterm, synchronize, time_ms, wall_ms,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -428,14 +428,6 @@ def reset_peak(device) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def matmul_tflops(device, dtype, n: int) -> float:
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    ms = median(time_ms(lambda: a @ b, device=device, warmup=3, iters=20 if device.type == "cuda" else 3))
-    return 2 * n**3 / (ms * 1e-3) / 1e12
-
-
 def croc_components(ddp, model_config, batch, args, device) -> dict:
     """Each component of the Croc micro-batch alone, at the step's shapes, with the live model."""
     from megatron.core.utils import unwrap_model
@@ -451,7 +443,8 @@ def croc_components(ddp, model_config, batch, args, device) -> dict:
     t_start = time.perf_counter()
     images = batch["images"].to(device)
     keys = batch["image_sample_ids"]  # on the host, as the training step keeps them
-    moved = to_device(batch, device)  # what the step's forward gets, host-derived fields included
+    # what the step's forward gets, host-derived fields included
+    moved = to_device(batch, device, split_route=model_config.attention_backend == "split")
     num_images = images.shape[0]
 
     # vision encoder (frozen, forward) + projector forward and backward

@@ -35,9 +35,8 @@ from typing import Sequence
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import matmul_tflops  # noqa: E402
 from benchlib import (  # noqa: E402
-    BenchInterrupted, device_name, emit_json, median, stop_on_sigterm, synchronize, time_ms,
+    BenchInterrupted, device_name, emit_json, matmul_tflops, median, stop_on_sigterm, synchronize, time_ms,
 )
 
 
@@ -63,7 +62,7 @@ def parse_args(argv: Sequence[str] | None):
     args.iters = args.iters if args.iters is not None else (3 if args.tiny else 10)
     args.matmul_n = args.matmul_n or (256 if args.tiny else 8192)
     if min(args.images) < 1:
-        raise SystemExit("error: --images must be positive counts")
+        p.error(f"--images must be positive counts, got {args.images}")
     return args
 
 

@@ -45,6 +45,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """The card's rate for an n x n x n matmul in ``dtype``: the denominator of "% of matmul"."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    ms = median(time_ms(lambda: a @ b, device=device, warmup=3, iters=20 if device.type == "cuda" else 3))
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
 def time_ms(fn: Callable[[], object], *, device: torch.device, warmup: int, iters: int) -> list[float]:
     """Per-call times in ms after ``warmup`` calls: CUDA events on GPU, perf_counter on CPU."""
     for _ in range(warmup):

@@ -101,24 +101,13 @@ def init_platform(*, force_cpu: bool = False) -> Platform:
     global _PLATFORM
     if _PLATFORM is not None:
         return _PLATFORM
-    force_cpu = force_cpu or os.environ.get("MEGATRON_CROC_FORCE_CPU", "0") == "1"
-    has_cuda = torch.cuda.is_available() and not force_cpu
-    if has_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        _PLATFORM = Platform(
-            device=torch.device("cuda", local_rank),
-            backend="nccl",
-            has_cuda=True,
-            has_te=te_available(),
-            has_apex=apex_available(),
-        )
+    platform = probe_platform(force_cpu=force_cpu)
+    if platform.has_cuda:
+        torch.cuda.set_device(platform.device.index)
     else:
         for shim in CPU_SHIMS.values():
             shim.apply()
-        _PLATFORM = Platform(
-            device=torch.device("cpu"), backend="gloo", has_cuda=False, has_te=False, has_apex=False
-        )
+    _PLATFORM = platform
     return _PLATFORM
 
 

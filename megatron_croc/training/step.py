@@ -23,12 +23,13 @@ MODEL_INPUTS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", 
 HOST_INPUTS = ("image_sample_ids",)
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, Any], device: torch.device, *, split_route: bool = False) -> dict[str, torch.Tensor]:
     """The model's inputs on ``device`` (image keys stay on the host), plus what the step
     would otherwise read back from the device, found on the host where the loader's batch is:
     ``visual_index``, the visual positions as flat indices (their count is checked on every
-    stage), ``one_sample_per_row`` (plain causal attention needs no mask) and ``split_plan``
-    (whether and how the split attention route applies: models.attention.plan_split)."""
+    stage), ``one_sample_per_row`` (plain causal attention needs no mask) and, when the model
+    runs the ``split`` attention route (``split_route``), ``split_plan`` (whether and how it
+    applies: models.attention.plan_split; None otherwise, so other routes pay nothing for it)."""
 
     missing = [k for k in MODEL_INPUTS if k not in batch]
     if missing:
@@ -36,7 +37,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Te
     moved = {k: batch[k] if k in HOST_INPUTS else host_to_device(batch[k], device) for k in MODEL_INPUTS}
     moved["visual_index"] = host_to_device(batch["visual_mask"].flatten().nonzero().squeeze(1), device)
     moved["one_sample_per_row"] = bool((batch["segment_ids"] == 1).all())
-    moved["split_plan"] = plan_split(batch["segment_ids"], batch["visual_mask"])
+    moved["split_plan"] = plan_split(batch["segment_ids"], batch["visual_mask"]) if split_route else None
     moved["num_samples"] = int(batch["segment_ids"].amax(dim=1).sum())  # segments are numbered 1..n per row
     return moved
 
@@ -74,14 +75,15 @@ class _LookaheadFeed:
     returns.
     """
 
-    def __init__(self, num_microbatches: int, device: torch.device) -> None:
+    def __init__(self, num_microbatches: int, device: torch.device, *, split_route: bool) -> None:
         self.num_microbatches = num_microbatches
         self.device = device
+        self.split_route = split_route
         self.position = 0
         self.ahead: tuple[dict[str, torch.Tensor], Any] | None = None
 
     def _read(self, data_iterator, model: CrocModel):
-        batch = to_device(next(data_iterator), self.device)
+        batch = to_device(next(data_iterator), self.device, split_route=self.split_route)
         return batch, model.prefetch_visual(batch["images"], batch["image_sample_ids"])
 
     def next(self, data_iterator, model: CrocModel):
@@ -106,16 +108,17 @@ def make_forward_step(model_config: ModelConfig, device: torch.device, stats: St
     during the current one, never beyond the step (see :class:`_LookaheadFeed`).
     """
     feeds: dict[int, _LookaheadFeed] = {}
+    split_route = model_config.attention_backend == "split"
 
     def forward_step(data_iterator, model):
         stats.maybe_fail("data")
         croc_model = unwrap_model(model)
         prefetch = None
         if model_config.croc.assignment_lookahead and croc_model.prefetches_visual:
-            feed = feeds.setdefault(id(model), _LookaheadFeed(num_microbatches, device))
+            feed = feeds.setdefault(id(model), _LookaheadFeed(num_microbatches, device, split_route=split_route))
             batch, prefetch = feed.next(data_iterator, croc_model)
         else:
-            batch = to_device(next(data_iterator), device)
+            batch = to_device(next(data_iterator), device, split_route=split_route)
         layout = build_attention_layout(
             model_config.croc.attention_variant, segment_ids=batch["segment_ids"],
             visual_mask=batch["visual_mask"], loss_mask=batch["loss_mask"],

@@ -157,3 +157,17 @@ def test_host_to_device_keeps_host_tensors_in_place_on_the_cpu():
     t = torch.arange(6)
     assert host_to_device(t, "cpu") is t
     assert host_to_device(t, torch.device("meta")).is_meta
+
+
+def test_probe_platform_decides_like_init_platform_without_its_side_effects(megatron_world):
+    """The launcher's check of a run (a fresh process): the same answer as init_platform, no
+    shim applied and megatron-core not imported for it."""
+    from megatron_croc.platform import init_platform
+
+    code = ("import sys; from megatron_croc.platform import probe_platform, cpu_shims_active; p = probe_platform(); "
+            "print(p.device.type, p.backend, p.has_cuda, cpu_shims_active(), 'megatron.core' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = init_platform()
+    assert out.stdout.split() == [expected.device.type, expected.backend, str(expected.has_cuda), "False", "False"]

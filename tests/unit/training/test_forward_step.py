@@ -119,6 +119,10 @@ def test_image_keys_stay_on_the_host_and_visual_positions_are_found_there():
     assert all(v.is_meta for k, v in moved.items() if k not in ("image_sample_ids", *host_facts))
     assert moved["one_sample_per_row"] is False  # ROWS pack two samples in row 1
     assert moved["num_samples"] == 3
+    # the split route's plan is read on the host only for a model that runs that route
+    assert moved["split_plan"] is None
+    planned = to_device(batch, torch.device("meta"), split_route=True)["split_plan"]
+    assert planned is not None and planned.why_not == "packed rows (several samples in a row)"
     # the visual positions, found on the host: what the model would otherwise read back
     host = to_device(batch, torch.device("cpu"))
     assert torch.equal(host["visual_index"], batch["visual_mask"].flatten().nonzero().squeeze(1))
